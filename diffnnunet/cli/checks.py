@@ -1,0 +1,160 @@
+"""Input validation that runs before any work starts, so bad input fails fast with one clear line."""
+from __future__ import annotations
+
+import os
+import re
+from multiprocessing import get_context
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from tqdm import tqdm
+
+from diffnnunet.cli.common import UserError
+
+REQUIRED_KEYS = ("labels", "file_ending")
+
+
+def load_dataset_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    try:
+        dj = load_json(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in dj]
+    if "channel_names" not in dj and "modality" not in dj:
+        missing.append("channel_names")
+    if missing:
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)}")
+    return dj
+
+
+def channel_names(dataset_json: dict) -> dict:
+    return dataset_json.get("channel_names", dataset_json.get("modality"))
+
+
+def allowed_label_values(dataset_json: dict) -> set:
+    values = set()
+    for v in dataset_json["labels"].values():
+        values.update(v if isinstance(v, (list, tuple)) else [v])
+    return {int(v) for v in values}
+
+
+def _reader(dataset_json: dict, example_file: str):
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    return determine_reader_writer_from_dataset_json(dataset_json, example_file, allow_nonmatching_filename=True,
+                                                     verbose=False)()
+
+
+def _read_image(rw, path: str):
+    try:
+        data, props = rw.read_images([path])
+    except Exception as e:  # noqa: BLE001
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{path}: cannot read image ({detail})") from None
+    return data.shape[1:], np.asarray(props["spacing"], float)
+
+
+def _check_case(args) -> str | None:
+    """Returns an error line for one training case, or None."""
+    dataset_json, case, images, label = args
+    try:
+        rw = _reader(dataset_json, images[0])
+        n = len(channel_names(dataset_json))
+        if len(images) != n:
+            return (f"{case}: {len(images)} image file(s) in imagesTr but dataset.json declares {n} channel(s) "
+                    f"({images[0] if images else case})")
+        geo = [_read_image(rw, f) for f in images]
+        for f, (shape, spacing) in zip(images[1:], geo[1:]):
+            if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
+                return f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 {geo[0][0]}/{tuple(geo[0][1])}"
+        if label is None or not os.path.isfile(label):
+            return f"{label or case}: label file missing"
+        try:
+            seg, seg_props = rw.read_seg(label)
+        except Exception as e:  # noqa: BLE001
+            return f"{label}: cannot read label ({' '.join(str(e).split()) or type(e).__name__})"
+        if seg.shape[1:] != geo[0][0]:
+            return f"{label}: label shape {seg.shape[1:]} does not match image shape {geo[0][0]}"
+        if not np.allclose(seg_props["spacing"], geo[0][1], rtol=1e-3):
+            return (f"{label}: label spacing {tuple(seg_props['spacing'])} does not match image spacing "
+                    f"{tuple(geo[0][1])}")
+        bad = sorted(set(np.unique(seg).astype(int).tolist()) - allowed_label_values(dataset_json))
+        if bad:
+            return f"{label}: label value(s) {bad} not in dataset.json labels {sorted(allowed_label_values(dataset_json))}"
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def check_raw_dataset(raw_folder: str, num_processes: int = 2) -> dict:
+    """Validate ``nnUNet_raw/DatasetXXX``: dataset.json, one file per channel per case, readable images and labels,
+    matching shapes and spacings, label values declared in dataset.json. Returns the dataset.json."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dj = load_dataset_json(os.path.join(raw_folder, "dataset.json"))
+    if "dataset" not in dj and not os.path.isdir(os.path.join(raw_folder, "imagesTr")):
+        raise UserError(f"{os.path.join(raw_folder, 'imagesTr')}: folder not found")
+    ending = dj["file_ending"]
+    if "dataset" not in dj:
+        names = sorted(os.listdir(os.path.join(raw_folder, "imagesTr")))
+        pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+        stray = [f for f in names if f.endswith(ending) and not pattern.match(f)]
+        if stray:
+            raise UserError(f"{os.path.join(raw_folder, 'imagesTr', stray[0])}: file name must be CASE_XXXX{ending}")
+    try:
+        dataset = get_filenames_of_train_images_and_targets(raw_folder, dj)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{raw_folder}: cannot list training cases ({' '.join(str(e).split())})") from None
+    if not dataset:
+        raise UserError(f"{raw_folder}: no training cases found (imagesTr/*{ending})")
+    if "numTraining" in dj and int(dj["numTraining"]) != len(dataset):
+        raise UserError(f"{os.path.join(raw_folder, 'dataset.json')}: numTraining is {dj['numTraining']} but "
+                        f"{len(dataset)} case(s) were found")
+    jobs = [(dj, k, v["images"], v.get("label")) for k, v in dataset.items()]
+    if num_processes > 1 and len(jobs) > 1:
+        with get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            errors = list(tqdm(pool.imap(_check_case, jobs), total=len(jobs), desc="checking dataset"))
+    else:
+        errors = [_check_case(j) for j in tqdm(jobs, desc="checking dataset")]
+    errors = [e for e in errors if e]
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise UserError(errors[0] + more)
+    return dj
+
+
+def check_prediction_inputs(input_folder: str, dataset_json: dict) -> list[list[str]]:
+    """Validate a folder of CASE_XXXX files to predict; returns nnU-Net's list of per-case file lists."""
+    if not os.path.isdir(input_folder):
+        raise UserError(f"{input_folder}: input folder not found")
+    ending = dataset_json["file_ending"]
+    n = len(channel_names(dataset_json))
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    cases: dict[str, dict[int, str]] = {}
+    for f in sorted(os.listdir(input_folder)):
+        if not f.endswith(ending) or f.startswith("."):
+            continue
+        m = pattern.match(f)
+        if m is None:
+            raise UserError(f"{os.path.join(input_folder, f)}: file name must be CASE_XXXX{ending} "
+                            f"(XXXX = channel index)")
+        cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(input_folder, f)
+    if not cases:
+        raise UserError(f"{input_folder}: no input images ending with {ending}")
+    lists = []
+    rw = None
+    for case, channels in cases.items():
+        if sorted(channels) != list(range(n)):
+            want = ", ".join(f"{case}_{i:04d}{ending}" for i in range(n))
+            raise UserError(f"{os.path.join(input_folder, case)}: has channel(s) {sorted(channels)} but the model "
+                            f"expects {n} ({want})")
+        files = [channels[i] for i in range(n)]
+        rw = rw or _reader(dataset_json, files[0])
+        geo = [_read_image(rw, f) for f in files]
+        for f, (shape, spacing) in zip(files[1:], geo[1:]):
+            if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
+                raise UserError(f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 "
+                                f"{geo[0][0]}/{tuple(geo[0][1])}")
+        lists.append(files)
+    return lists

@@ -1,0 +1,109 @@
+"""diffnnunet_predict: sliding-window diffusion inference on a folder of images (stock nnU-Net models too)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffnnunet_predict", description="Predict a folder of CASE_XXXX images.")
+    p.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-d", required=True, help="dataset ID or name")
+    p.add_argument("-tr", default="DiffUNetTrainer", help="trainer the model was trained with")
+    p.add_argument("-c", default=None, help="configuration (default: 3d_fullres for 3D data, else 2d)")
+    p.add_argument("-p", default=None, help="plans identifier (default depends on the trainer)")
+    p.add_argument("-f", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
+    p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plans')")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--mirror", action="store_true",
+                   help="test-time mirroring for diffusion models (off by default: the samples already ensemble)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring for nnUNetTrainer models")
+    p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's .npz/.pkl")
+    p.add_argument("--save_uncertainty", action="store_true", help="also write CASE_uncertainty (float32, [0,1])")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
+    p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
+    p.add_argument("-nps", type=int, default=2, help="export processes")
+    return p
+
+
+def model_folder(dataset_name: str, trainer: str, plans: str, configuration: str) -> str:
+    return os.path.join(require_env("nnUNet_results"), dataset_name, f"{trainer}__{plans}__{configuration}")
+
+
+def resolve_model(args):
+    """-> (model folder, configuration, folds), with one-line errors for everything that is missing."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from diffnnunet.trainers import default_plans_for, get_trainer_class
+
+    try:
+        cls = get_trainer_class(args.tr)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    name = resolve_dataset_name(args.d)
+    plans = args.p or default_plans_for(cls)
+    configuration = args.c
+    if configuration is None:
+        base = os.path.join(require_env("nnUNet_results"), name)
+        trained = [c for c in ("3d_fullres", "2d", "3d_lowres")
+                   if os.path.isdir(os.path.join(base, f"{args.tr}__{plans}__{c}"))]
+        if not trained:
+            raise UserError(f"no trained {args.tr} model for {name} in {base} (train with diffnnunet_train)")
+        configuration = trained[0]
+    folder = model_folder(name, args.tr, plans, configuration)
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no trained model (train with diffnnunet_train {args.d} {args.tr} FOLD "
+                        f"-c {configuration})")
+    if args.f is None:
+        folds = sorted(int(d[5:]) if d[5:].isdigit() else d[5:] for d in os.listdir(folder)
+                       if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, args.chk)))
+        if not folds:
+            raise UserError(f"{folder}: no fold has {args.chk} (is training finished?)")
+    else:
+        folds = [f if f == "all" else int(f) for f in args.f]
+    missing = [os.path.join(folder, f"fold_{f}", args.chk) for f in folds
+               if not os.path.isfile(os.path.join(folder, f"fold_{f}", args.chk))]
+    if missing:
+        raise UserError(f"{missing[0]}: checkpoint not found (train this fold first)")
+    load_json(os.path.join(folder, "plans.json"))
+    return folder, configuration, folds
+
+
+@cli_entry("diffnnunet_predict")
+def main(argv=None):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from diffnnunet.cli.checks import check_prediction_inputs
+    from diffnnunet.inference import DiffusionPredictor
+
+    args = build_parser().parse_args(argv)
+    if args.steps is not None and args.steps < 1 or args.samples is not None and args.samples < 1:
+        raise UserError("--steps and --samples must be >= 1")
+    device = parse_device(args.device)
+    folder, configuration, folds = resolve_model(args)
+    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    input_lists = check_prediction_inputs(args.i, dataset_json)
+    predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True,
+                                   use_mirroring=(args.mirror or not args.disable_tta), device=device,
+                                   steps=args.steps, samples=args.samples, seed=args.seed,
+                                   save_uncertainty=args.save_uncertainty, allow_tqdm=True)
+    predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
+    if predictor.diffusion is not None:
+        predictor.use_mirroring = args.mirror
+        print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples, "
+              f"mirroring {'on' if args.mirror else 'off'}")
+    os.makedirs(args.o, exist_ok=True)
+    predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
+                                 overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                 num_processes_segmentation_export=args.nps)
+
+
+if __name__ == "__main__":
+    main()

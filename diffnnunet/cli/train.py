@@ -1,0 +1,115 @@
+"""diffnnunet_train DATASET TRAINER FOLD: nnU-Net's training loop with a diffusion (or the stock) trainer."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffnnunet_train", description="Train one fold of a diffnnunet trainer.")
+    p.add_argument("dataset", help="dataset ID or name")
+    p.add_argument("trainer", help="trainer name (DiffUNetTrainer, nnUNetTrainer, ...) or dotted path")
+    p.add_argument("fold", help="fold 0-4, or 'all'")
+    p.add_argument("-c", "--configuration", default=None, help="default: 3d_fullres for 3D data, 2d for 2D data")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: DiffnnUNetPlans for diffusion "
+                                                       "trainers, nnUNetPlans for nnUNetTrainer)")
+    p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None)
+    p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from checkpoint_latest (or best/final)")
+    p.add_argument("--val", dest="only_val", action="store_true", help="only run the final validation")
+    p.add_argument("--npz", action="store_true", help="save validation probabilities")
+    return p
+
+
+def default_configuration(plans: dict) -> str:
+    return "3d_fullres" if "3d_fullres" in plans["configurations"] else "2d"
+
+
+def load_trainer(dataset: str, trainer_name: str, fold, configuration=None, plans_identifier=None,
+                 device="cpu", continue_training: bool = False):
+    """Instantiate a registered trainer on preprocessed data (no class-name scan)."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+    from diffnnunet.trainers import default_plans_for, get_trainer_class
+
+    try:
+        cls = get_trainer_class(trainer_name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    name = resolve_dataset_name(dataset)
+    folder = join(require_env("nnUNet_preprocessed"), name)
+    require_env("nnUNet_results")
+    plans_identifier = plans_identifier or default_plans_for(cls)
+    plans_file = join(folder, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise UserError(f"{plans_file}: plans not found (run diffnnunet_plan_and_preprocess -d {dataset})")
+    plans = load_json(plans_file)
+    configuration = configuration or default_configuration(plans)
+    if configuration not in plans["configurations"]:
+        raise UserError(f"unknown configuration '{configuration}' for {name} (plans {plans_identifier} have: "
+                        f"{', '.join(plans['configurations'])})")
+    if fold != "all":
+        try:
+            fold = int(fold)
+        except ValueError:
+            raise UserError(f"fold must be 0-4 or 'all', got '{fold}'") from None
+        if not 0 <= fold <= 4:
+            raise UserError(f"fold {fold} out of range (nnU-Net uses folds 0-4, or 'all')")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    data_folder = join(folder, PlansManager(plans).get_configuration(configuration).data_identifier)
+    if not os.path.isdir(data_folder):
+        raise UserError(f"{data_folder}: preprocessed data missing (run diffnnunet_plan_and_preprocess -d "
+                        f"{dataset} -c {configuration})")
+    plans["continue_training"] = continue_training  # nnUNetTrainer.__init__ pops it
+    trainer = cls(plans=plans, configuration=configuration, fold=fold,
+                  dataset_json=load_json(join(folder, "dataset.json")), device=device)
+    return trainer
+
+
+def find_resume_checkpoint(output_folder: str) -> str | None:
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"):
+        path = os.path.join(output_folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@cli_entry("diffnnunet_train")
+def main(argv=None):
+    import torch
+
+    args = build_parser().parse_args(argv)
+    device = parse_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    trainer = load_trainer(args.dataset, args.trainer, args.fold, args.configuration, args.plans, device,
+                           args.continue_training)
+    if args.epochs is not None:
+        trainer.num_epochs = args.epochs
+    if args.iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = args.iterations_per_epoch
+    if args.val_iterations is not None:
+        trainer.num_val_iterations_per_epoch = args.val_iterations
+    if args.continue_training or args.only_val:
+        ckpt = find_resume_checkpoint(trainer.output_folder)
+        if args.only_val:
+            final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+            if not os.path.isfile(final):
+                raise UserError(f"{final}: not found (train this fold first)")
+            ckpt = final
+        if ckpt is None:
+            print(f"no checkpoint in {trainer.output_folder}; starting a new training")
+        else:
+            trainer.load_checkpoint(ckpt)
+    if not args.only_val:
+        trainer.run_training()
+    trainer.perform_actual_validation(args.npz)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""DiffusionPredictor: nnU-Net's predictor with only the per-window network call replaced by the sampler.
+
+nnU-Net's preprocessing, Gaussian-weighted sliding window (here blending *probabilities*), resampling to the
+original geometry and export stay. The blended probabilities are handed to nnU-Net's export as log-probabilities
+(softmax of log p is p) or, for regions, as logit(p) (sigmoid of logit p is p), so argmax, ``--save_probabilities``
+and nnUNetv2_ensemble see the diffusion model's probabilities unchanged. Stock nnU-Net models pass straight through.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from functools import partial
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from nnunetv2.inference import predict_from_raw_data as predict_module
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from diffnnunet.inference.export import export_prediction_atomically
+from diffnnunet.utils import load_checkpoint_safely, swapped
+
+_EPS = 1e-6
+
+
+def probabilities_to_logits(probs: torch.Tensor, has_regions: bool) -> torch.Tensor:
+    """``(C, *spatial)`` probabilities -> values whose softmax (labels) or sigmoid (regions) gives them back."""
+    p = probs.float().clamp(_EPS, 1 - _EPS)
+    if has_regions:
+        return torch.log(p) - torch.log1p(-p)
+    return torch.log(p / p.sum(0, keepdim=True))
+
+
+class DiffusionPredictor(nnUNetPredictor):
+    """``steps``/``samples`` override the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a
+    prediction reproducible (one generator, advanced window by window)."""
+
+    def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
+                 save_uncertainty: bool = False, **kwargs):
+        kwargs.setdefault("allow_tqdm", True)
+        super().__init__(*args, **kwargs)
+        self.steps_override, self.samples_override, self.seed = steps, samples, seed
+        self.save_uncertainty = save_uncertainty
+        self.diffusion = None
+        self.generator = None
+
+    # -- initialisation --------------------------------------------------------------------------------------
+    def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
+                              trainer_name, inference_allowed_mirroring_axes):
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+        self._configure_sampling()
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """As nnU-Net's, but the trainer comes from diffnnunet's registry (no class scan) and checkpoints are
+        loaded with ``weights_only=True``."""
+        from diffnnunet.trainers import get_trainer_class
+
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        dataset_json = load_json(join(model_training_output_dir, "dataset.json"))
+        plans_manager = PlansManager(load_json(join(model_training_output_dir, "plans.json")))
+        parameters, first = [], None
+        for f in ([use_folds] if isinstance(use_folds, str) else use_folds):
+            f = int(f) if f != "all" else f
+            ckpt = load_checkpoint_safely(join(model_training_output_dir, f"fold_{f}", checkpoint_name))
+            first = first or ckpt
+            parameters.append(ckpt["network_weights"])
+        configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+        trainer_class = get_trainer_class(first["trainer_name"])
+        network = trainer_class.build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        network.load_state_dict(parameters[0])
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
+
+    def _configure_sampling(self):
+        self.diffusion = self.configuration_manager.configuration.get("diffusion")
+        if self.diffusion is None:
+            return
+        seed = self.seed if self.seed is not None else self.diffusion.get("seed", 0)
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+    @property
+    def sampling_steps(self) -> int:
+        return int(self.steps_override or self.diffusion.get("sampling_steps", 10))
+
+    @property
+    def samples_per_step(self) -> int:
+        return int(self.samples_override or self.diffusion.get("samples_per_step", 1))
+
+    # -- the per-window call -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """One window ``(1, C_in, *patch)`` -> fused class probabilities ``(1, C, *patch)``; with mirroring on, the
+        mean over the mirrored samplings."""
+        if self.diffusion is None:
+            return super()._internal_maybe_mirror_and_predict(x)
+        sample = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
+                         generator=self.generator, chunk=self.diffusion.get("samples_per_forward"))
+        prediction = sample(x)
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        if mirror_axes:
+            axes = [m + 2 for m in mirror_axes]
+            combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+            for c in combos:
+                prediction += torch.flip(sample(torch.flip(x, c)), c)
+            prediction /= len(combos) + 1
+        return prediction
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """Gaussian-blended probabilities, returned in the logit space nnU-Net's export expects."""
+        out = super().predict_sliding_window_return_logits(input_image)
+        if self.diffusion is None:
+            return out
+        return probabilities_to_logits(out, self.label_manager.has_regions)
+
+    # -- file prediction with atomic export (+ uncertainty maps) --------------------------------------------------
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = 2):
+        export = partial(export_prediction_atomically, save_uncertainty=self.save_uncertainty)
+        with swapped(predict_module, "export_prediction_from_logits", export):
+            return super().predict_from_data_iterator(data_iterator, save_probabilities,
+                                                      num_processes_segmentation_export)
+
+
+def checkpoint_exists(model_folder: str, folds, checkpoint_name: str) -> list[str]:
+    """The missing ``fold_X/checkpoint`` paths among ``folds``."""
+    return [join(model_folder, f"fold_{f}", checkpoint_name) for f in folds
+            if not os.path.isfile(join(model_folder, f"fold_{f}", checkpoint_name))]

@@ -1,0 +1,7 @@
+"""One small module per paper; ``METHODS`` maps the plans' ``diffusion.method`` to its class (explicit, no scan)."""
+from diffnnunet.methods.base import DiffusionMethod, encode_target
+from diffnnunet.methods.diff_unet import DiffUNet
+
+METHODS = {"diff_unet": DiffUNet}
+
+__all__ = ["DiffusionMethod", "DiffUNet", "METHODS", "encode_target"]

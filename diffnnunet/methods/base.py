@@ -1,0 +1,65 @@
+"""What every method shares: label encoding and the method interface the trainer and predictor call."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def encode_target(target: torch.Tensor, num_channels: int, has_regions: bool, ignore_label: int | None):
+    """nnU-Net's training target -> ``(x0, mask)`` with ``x0`` in {0, 1} of shape ``(B, num_channels, *spatial)``.
+
+    Mutually exclusive labels (``target`` is ``(B, 1, *spatial)`` of label ids) become one-hot *with* background;
+    region-based targets (``(B, R[+1], *spatial)`` binary, nnU-Net's region transform) are used per region. The
+    ignore label (a label id, or the extra last channel for regions) becomes ``mask`` ``(B, 1, *spatial)``, 1 where
+    the voxel counts; ``mask`` is None when the dataset has no ignore label.
+    """
+    if has_regions:
+        if ignore_label is not None:
+            mask = 1.0 - target[:, -1:].float()
+            return target[:, :-1].float(), mask
+        return target.float(), None
+    labels = target[:, 0].long()
+    mask = None
+    if ignore_label is not None:
+        mask = (labels != ignore_label).float()[:, None]
+        labels = torch.where(labels == ignore_label, torch.zeros_like(labels), labels)
+    x0 = torch.nn.functional.one_hot(labels, num_channels).movedim(-1, 1).float()
+    return x0, mask
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """1 - mean over channels of 2|P.G| / (|P| + |G|), summed over batch and space (batch Dice). ``(B, C, *sp)``."""
+    if mask is not None:
+        probs, target = probs * mask, target * mask
+    axes = [0] + list(range(2, probs.ndim))
+    inter = (probs * target).sum(axes)
+    denom = probs.sum(axes) + target.sum(axes)
+    return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` ``(B, C, *sp)`` over the voxels where ``mask`` ``(B, 1, *sp)`` is 1 (all if None)."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / (mask.sum() * values.shape[1]).clamp(min=1)
+
+
+class DiffusionMethod(nn.Module):
+    """Interface of a method module: the whole model of one paper (networks + noise process) as one nn.Module,
+    so nnU-Net checkpoints, ``build_network_architecture`` and the predictor handle it like any network.
+
+    ``training_loss(image (B, C_in, *sp), x0 (B, C, *sp) in {0,1}, mask) -> dict`` with key ``loss`` (summed,
+    differentiable) and one detached entry per term.
+    ``sample(image, steps, samples, generator) -> (B, C, *sp)`` per-channel foreground probabilities in [0, 1].
+    """
+
+    #: True when a trainer must call ``training_step`` itself (extra optimisers, e.g. an adversarial critic)
+    custom_optimisation = False
+
+    def training_loss(self, image, x0, mask=None) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, image, steps: int, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError

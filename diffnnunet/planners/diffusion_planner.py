@@ -1,0 +1,71 @@
+"""DiffusionPlanner: nnU-Net's ExperimentPlanner with a memory model of the time-conditioned network and a
+per-configuration ``diffusion`` section. See documentation/planner.md."""
+from __future__ import annotations
+
+from copy import deepcopy
+
+import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from diffnnunet.methods import METHODS
+from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
+
+#: per-method defaults, from the papers (Diff-UNet: T=1000, linear 1e-4..0.02, x0, DDIM 10 steps, S=4, SUF)
+DEFAULT_DIFFUSION = {
+    "diff_unet": {
+        "method": "diff_unet", "process": "gaussian", "prediction": "x0", "timesteps": 1000,
+        "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "eta": 0.0,
+        "sampling_steps": 10, "samples_per_step": 4, "fusion": "step_uncertainty",
+        "loss_weights": {"dice": 1.0, "bce": 1.0, "mse": 1.0},
+        "validation_sampling_steps": 2, "validation_samples": 1,
+        "optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+        "seed": 12345,
+    },
+}
+
+#: inference keeps no activations for backward; a conservative factor of samples per training sample that fit
+INFERENCE_SAMPLES_PER_TRAINING_SAMPLE = 2
+
+
+class DiffusionPlanner(ExperimentPlanner):
+    """Plans for a diffusion trainer. Spacing, transposition, normalisation and preprocessing are nnU-Net's
+    (so ``2d`` and ``3d_fullres`` share nnU-Net's preprocessed data); topology, patch and batch size are fitted to
+    the same VRAM target with the diffusion network's feature-map count (extra noisy-label input channels, time
+    embedding sums, separate image encoder) instead of the plain U-Net's."""
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DiffnnUNetPlans",
+                 overwrite_target_spacing=None, suppress_transpose: bool = False, method: str = "diff_unet"):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        if method not in METHODS:
+            raise ValueError(f"unknown diffusion method '{method}' (known: {', '.join(sorted(METHODS))})")
+        self.method = method
+        self.UNet_class = TimeUNet
+
+    def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
+                                   arch_kwargs, arch_kwargs_req_import):
+        """Feature-map elements of the whole method network for one sample (replaces the plain U-Net count)."""
+        return METHODS[self.method].feature_map_size(resolve_arch_kwargs(arch_kwargs), input_channels,
+                                                     output_channels, tuple(patch_size))
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
+                                    _cache) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset, _cache)
+        plan["diffusion"] = self.diffusion_settings(plan)
+        return plan
+
+    def diffusion_settings(self, plan: dict) -> dict:
+        """The configuration's diffusion section: the paper's defaults plus what depends on this configuration:
+        how many sampling chains run in one forward pass (``samples_per_forward``) within the memory budget."""
+        settings = deepcopy(DEFAULT_DIFFUSION[self.method])
+        settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"],
+                                                         plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)))
+        return settings
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        """2d and 3d_fullres use nnU-Net's spacing unchanged, so they reuse nnUNetPlans' preprocessed data."""
+        if configuration_name in ("2d", "3d_fullres") and self.overwrite_target_spacing is None:
+            return "nnUNetPlans_" + configuration_name
+        return self.plans_identifier + "_" + configuration_name

@@ -1,0 +1,41 @@
+"""Explicit trainer registry: names -> classes, with no directory scan (nnU-Net's scan imports timm).
+
+A user trainer is reachable by its dotted path (``mypackage.trainers.MyTrainer``); to use ours with nnU-Net's own
+CLIs, see documentation/getting_started.md (nnUNet_extTrainer).
+"""
+from __future__ import annotations
+
+import pydoc
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
+from diffnnunet.trainers.variants import DiffUNetTrainer
+
+TRAINERS = {
+    "nnUNetTrainer": nnUNetTrainer,
+    "DiffusionTrainer": DiffusionTrainer,
+    "DiffUNetTrainer": DiffUNetTrainer,
+}
+
+
+def get_trainer_class(name: str):
+    """Registry lookup; a dotted ``module.Class`` name is imported. Raises ValueError listing the known names."""
+    cls = TRAINERS.get(name)
+    if cls is None and "." in name:
+        cls = pydoc.locate(name)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
+        raise ValueError(f"unknown trainer '{name}' (known: {', '.join(TRAINERS)}, or a dotted path to an "
+                         "nnUNetTrainer subclass)")
+    return cls
+
+
+def is_diffusion_trainer(cls) -> bool:
+    return issubclass(cls, DiffusionTrainer)
+
+
+def default_plans_for(cls) -> str:
+    return "DiffnnUNetPlans" if is_diffusion_trainer(cls) else "nnUNetPlans"
+
+
+__all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "default_plans_for"]

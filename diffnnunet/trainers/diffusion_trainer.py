@@ -1,0 +1,170 @@
+"""DiffusionTrainer: nnU-Net's trainer with the network, the loss and the validation sampling swapped.
+
+Everything else is nnU-Net's own: data loading, augmentation, foreground oversampling, 5-fold splits, logging,
+progress.png, checkpoints (latest/best/final) and ``--continue``. Method variants only set ``method_name``.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from diffnnunet.methods import METHODS, encode_target
+from diffnnunet.networks import resolve_arch_kwargs
+from diffnnunet.trainers.lr_schedule import WarmupCosineLR
+from diffnnunet.utils import load_checkpoint_safely, swapped
+
+
+def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
+    section = configuration_manager.configuration.get("diffusion")
+    if section is None:
+        raise RuntimeError(f"plans '{plans_name}' have no 'diffusion' section in this configuration: "
+                           "plan the dataset with diffnnunet_plan_and_preprocess (plans DiffnnUNetPlans)")
+    return section
+
+
+class DiffusionTrainer(nnUNetTrainer):
+    """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method."""
+
+    method_name: str | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.diffusion = diffusion_section(self.configuration_manager, self.plans_manager.plans_name)
+        if self.method_name is not None and self.diffusion["method"] != self.method_name:
+            raise RuntimeError(f"{self.__class__.__name__} trains '{self.method_name}' but the plans' diffusion "
+                               f"section says '{self.diffusion['method']}'")
+        optim = self.diffusion.get("optimizer", {})
+        self.initial_lr = optim.get("initial_lr", 1e-4)
+        self.weight_decay = optim.get("weight_decay", 1e-5)
+        self.warmup_fraction = optim.get("warmup_fraction", 0.1)
+        self.enable_deep_supervision = False
+        self.save_every = 1  # checkpoint_latest every epoch: an interrupted run resumes with --continue
+
+    # -- network -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        """The method module (networks + noise process) from the plans; inference reuses this exact function."""
+        diffusion = diffusion_section(configuration_manager, plans_manager.plans_name)
+        arch = resolve_arch_kwargs(configuration_manager.network_arch_init_kwargs)
+        return METHODS[diffusion["method"]](arch, num_input_channels, num_output_channels, diffusion)
+
+    @property
+    def method(self):
+        net = self.network.module if self.is_ddp else self.network
+        return getattr(net, "_orig_mod", net)
+
+    def _do_i_compile(self):
+        return False  # training_loss/sample are not forward(); compiling forward alone gains nothing here
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # the denoiser has one full-resolution output
+
+    def _build_loss(self):
+        return None  # the method owns its loss (training_loss)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_fraction)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _encode(self, target):
+        target = target[0] if isinstance(target, list) else target
+        return encode_target(target.to(self.device, non_blocking=True), self.label_manager.num_segmentation_heads,
+                             self.label_manager.has_regions, self.label_manager.ignore_label)
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        x0, mask = self._encode(batch["target"])
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            terms = self.method.training_loss(data, x0, mask)
+        loss = terms["loss"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {k: v.detach().float().cpu().numpy() for k, v in terms.items()}
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        terms = {k: float(np.mean([o[k] for o in train_outputs])) for k in train_outputs[0] if k != "loss"}
+        self.print_to_log_file("train loss terms", {k: round(v, 4) for k, v in terms.items()})
+
+    def validation_step(self, batch: dict) -> dict:
+        """Loss on the validation patch plus a real few-step sample, so pseudo Dice and checkpoint_best mean
+        what they mean for nnU-Net (``validation_sampling_steps`` / ``validation_samples`` in the plans)."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        x0, mask = self._encode(batch["target"])
+        generator = torch.Generator(device=self.device).manual_seed(
+            int(self.diffusion.get("seed", 0)) + self.current_epoch)
+        with self._autocast():
+            loss = self.method.training_loss(data, x0, mask, generator=generator)["loss"]
+            probs = self.method.sample(data, self.diffusion.get("validation_sampling_steps", 2),
+                                       self.diffusion.get("validation_samples", 1), generator=generator)
+        if self.label_manager.has_regions:
+            pred = (probs > 0.5).float()
+        else:
+            pred = torch.zeros_like(probs).scatter_(1, probs.argmax(1, keepdim=True), 1)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(pred, x0, axes=[0] + list(range(2, pred.ndim)), mask=mask)
+        tp, fp, fn = (v.detach().cpu().numpy() for v in (tp, fp, fn))
+        if not self.label_manager.has_regions:  # background Dice is not reported (as in nnU-Net)
+            tp, fp, fn = tp[1:], fp[1:], fn[1:]
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+    # -- final validation through the diffusion predictor ------------------------------------------------------------
+    def _make_validation_predictor(self, *args, **kwargs):
+        from diffnnunet.inference import DiffusionPredictor
+        kwargs["use_mirroring"] = False  # the samples already ensemble (documentation/inference.md)
+        return DiffusionPredictor(*args, **kwargs)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's fold validation with the stock predictor swapped for the diffusion predictor."""
+        from diffnnunet.inference.export import export_prediction_atomically
+        with swapped(trainer_module, "nnUNetPredictor", self._make_validation_predictor), \
+                swapped(trainer_module, "export_prediction_from_logits", export_prediction_atomically):
+            super().perform_actual_validation(save_probabilities)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written)."""
+        tmp = filename + ".partial"
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's resume logic with ``weights_only=True`` loading."""
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, str):
+            ckpt = load_checkpoint_safely(ckpt, map_location=self.device)
+        weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
+        self.method.load_state_dict(weights)
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt["_best_ema"]
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])

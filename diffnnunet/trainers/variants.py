@@ -1,0 +1,8 @@
+"""Trainer variants: each only picks a method or sets attributes (like nnUNetTrainerNoDeepSupervision)."""
+from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
+
+
+class DiffUNetTrainer(DiffusionTrainer):
+    """Diff-UNet (Xing et al. 2023); settings come from the plans' diffusion section."""
+
+    method_name = "diff_unet"
