@@ -42,8 +42,12 @@ def allowed_label_values(dataset_json: dict) -> set:
 
 def _reader(dataset_json: dict, example_file: str):
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    return determine_reader_writer_from_dataset_json(dataset_json, example_file, allow_nonmatching_filename=True,
-                                                     verbose=False)()
+    try:
+        return determine_reader_writer_from_dataset_json(dataset_json, example_file,
+                                                         allow_nonmatching_filename=True, verbose=False)()
+    except Exception:  # noqa: BLE001 - nnU-Net tries every reader on the file; none could open it
+        raise UserError(f"{example_file}: cannot read image (no reader can open it; corrupt or wrong format?)"
+                        ) from None
 
 
 def _read_image(rw, path: str):
@@ -67,7 +71,8 @@ def _check_case(args) -> str | None:
         geo = [_read_image(rw, f) for f in images]
         for f, (shape, spacing) in zip(images[1:], geo[1:]):
             if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
-                return f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 {geo[0][0]}/{tuple(geo[0][1])}"
+                return (f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 "
+                        f"{geo[0][0]}/{tuple(geo[0][1])}")
         if label is None or not os.path.isfile(label):
             return f"{label or case}: label file missing"
         try:
@@ -79,9 +84,10 @@ def _check_case(args) -> str | None:
         if not np.allclose(seg_props["spacing"], geo[0][1], rtol=1e-3):
             return (f"{label}: label spacing {tuple(seg_props['spacing'])} does not match image spacing "
                     f"{tuple(geo[0][1])}")
-        bad = sorted(set(np.unique(seg).astype(int).tolist()) - allowed_label_values(dataset_json))
+        allowed = allowed_label_values(dataset_json)
+        bad = sorted(set(np.unique(seg).astype(int).tolist()) - allowed)
         if bad:
-            return f"{label}: label value(s) {bad} not in dataset.json labels {sorted(allowed_label_values(dataset_json))}"
+            return f"{label}: label value(s) {bad} not in dataset.json labels {sorted(allowed)}"
     except UserError as e:
         return str(e)
     return None

@@ -31,8 +31,7 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
     """Runs the whole pipeline for one dataset; returns {plans identifier: plans dict}."""
     from batchgenerators.utilities.file_and_folder_operations import join
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      preprocess_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from diffnnunet.cli.checks import check_raw_dataset

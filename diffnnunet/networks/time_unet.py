@@ -12,8 +12,8 @@ import pydoc
 
 import numpy as np
 import torch
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
 from diffnnunet.utils import expand_to

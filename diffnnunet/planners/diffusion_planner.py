@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from copy import deepcopy
 
-import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from diffnnunet.methods import METHODS

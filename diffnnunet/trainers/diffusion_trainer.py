@@ -35,7 +35,7 @@ class DiffusionTrainer(nnUNetTrainer):
     method_name: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.diffusion = diffusion_section(self.configuration_manager, self.plans_manager.plans_name)
         if self.method_name is not None and self.diffusion["method"] != self.method_name:
