@@ -14,7 +14,7 @@ setup(
         "acvl-utils>=0.2.6,<0.3", "batchgenerators>=0.25.1", "batchgeneratorsv2>=0.3.2", "einops",
         "tqdm", "scipy", "scikit-learn", "scikit-image>=0.19.3", "SimpleITK>=2.2.1", "pandas", "tifffile",
         "requests", "nibabel", "matplotlib", "seaborn", "imagecodecs", "yacs", "blosc2>=3.3.2", "graphviz",
-        "numpy>=1.24",
+        "numpy>=1.24", "monai>=1.3",
     ],
     extras_require={
         "nnunet": ["nnunetv2==2.8.1", "dynamic-network-architectures>=0.4.4,<0.5"],
@@ -25,5 +25,7 @@ setup(
         "diffnnunet_plan_and_preprocess=diffnnunet.cli.plan_and_preprocess:main",
         "diffnnunet_train=diffnnunet.cli.train:main",
         "diffnnunet_predict=diffnnunet.cli.predict:main",
+        "diffnnunet_evaluate=diffnnunet.cli.evaluate:main",
+        "diffnnunet_demo=diffnnunet.demo:main",
     ]},
 )

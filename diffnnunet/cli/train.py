@@ -108,7 +108,13 @@ def main(argv=None):
             trainer.load_checkpoint(ckpt)
     if not args.only_val:
         trainer.run_training()
-    trainer.perform_actual_validation(args.npz)
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    from diffnnunet.evaluation.metrics import compute_metrics_on_folder_with_surfaces
+    from diffnnunet.utils import swapped
+    # every trainer's final validation (the nnU-Net baseline too) reports HD95 and NSD beside Dice and IoU
+    with swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
+        trainer.perform_actual_validation(args.npz)
 
 
 if __name__ == "__main__":

@@ -136,10 +136,13 @@ class DiffusionTrainer(nnUNetTrainer):
         return DiffusionPredictor(*args, **kwargs)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's fold validation with the stock predictor swapped for the diffusion predictor."""
+        """nnU-Net's fold validation with the stock predictor swapped for the diffusion predictor and nnU-Net's
+        metrics for diffnnunet's (the same Dice/IoU, plus HD95 and NSD)."""
+        from diffnnunet.evaluation.metrics import compute_metrics_on_folder_with_surfaces
         from diffnnunet.inference.export import export_prediction_atomically
         with swapped(trainer_module, "nnUNetPredictor", self._make_validation_predictor), \
-                swapped(trainer_module, "export_prediction_from_logits", export_prediction_atomically):
+                swapped(trainer_module, "export_prediction_from_logits", export_prediction_atomically), \
+                swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
             super().perform_actual_validation(save_probabilities)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

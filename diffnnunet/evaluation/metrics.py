@@ -1,0 +1,174 @@
+"""Per-label Dice and IoU exactly as nnU-Net counts them, HD95 and NSD from MONAI, spacing-aware in 2D and 3D.
+
+Empty-mask conventions (documentation/evaluation.md): both empty -> Dice NaN (left out of means, as nnU-Net),
+HD95 0, NSD 1; exactly one empty -> Dice 0, HD95 = the image diagonal in mm, NSD 0.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+
+DEFAULT_NSD_TOLERANCE_MM = 2.0
+
+
+def _spatial(seg: np.ndarray, spacing) -> tuple[np.ndarray, list[float]]:
+    """nnU-Net's ``(1, *spatial)`` arrays -> spatial array and spacing; 2D images (a first axis of size 1) -> 2D."""
+    seg = seg[0]
+    spacing = [float(s) for s in spacing]
+    if seg.ndim == 3 and seg.shape[0] == 1:
+        return seg[0], spacing[1:]
+    return seg, spacing
+
+
+def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float) -> tuple[float, float]:
+    """(HD95 in mm, NSD at ``tolerance_mm``) of two boolean masks of the same shape (MONAI's surface distances)."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    if not pred.any() and not ref.any():
+        return 0.0, 1.0
+    if not pred.any() or not ref.any():
+        return float(np.sqrt(np.sum((np.array(pred.shape) * np.array(spacing)) ** 2))), 0.0
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
+    spacing = [float(s) for s in spacing]
+    hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+    nsd = compute_surface_dice(torch.cat([~p, p], 1), torch.cat([~r, r], 1), class_thresholds=[float(tolerance_mm)],
+                               include_background=False, spacing=spacing)
+    return float(hd95.item()), float(nsd.item())
+
+
+def compute_case_metrics(reference_file: str, prediction_file: str, image_reader_writer, labels_or_regions,
+                         ignore_label: int | None = None, nsd_tolerance: dict | float = DEFAULT_NSD_TOLERANCE_MM,
+                         uncertainty: bool = False, has_regions: bool = False) -> dict:
+    """nnU-Net's ``compute_metrics`` (same keys and counts) plus ``HD95`` and ``NSD`` per label or region, and, with
+    ``uncertainty``, the case's calibration bins / uncertainty histograms (keys ``_ece_bins``, ``_auroc_hist``)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
+
+    seg_ref, props = image_reader_writer.read_seg(reference_file)
+    seg_pred, _ = image_reader_writer.read_seg(prediction_file)
+    if seg_ref.shape != seg_pred.shape:
+        raise ValueError(f"{prediction_file}: shape {seg_pred.shape[1:]} differs from the reference "
+                         f"{seg_ref.shape[1:]} ({reference_file})")
+    ignore = seg_ref == ignore_label if ignore_label is not None else None
+    ref_sp, spacing = _spatial(seg_ref, props["spacing"])
+    results = {"reference_file": reference_file, "prediction_file": prediction_file, "metrics": {}}
+    for r in labels_or_regions:
+        mask_ref = region_or_label_to_mask(seg_ref, r)
+        mask_pred = region_or_label_to_mask(seg_pred, r)
+        tp, fp, fn, tn = compute_tp_fp_fn_tn(mask_ref, mask_pred, ignore)
+        m = {"Dice": np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+             "IoU": np.nan if tp + fp + fn == 0 else tp / (tp + fp + fn),
+             "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
+        if ignore is not None:
+            mask_pred = mask_pred & ~ignore
+            mask_ref = mask_ref & ~ignore
+        tol = nsd_tolerance.get(str(r), nsd_tolerance.get("default", DEFAULT_NSD_TOLERANCE_MM)) \
+            if isinstance(nsd_tolerance, dict) else nsd_tolerance
+        m["HD95"], m["NSD"] = surface_metrics(_spatial(mask_pred, props["spacing"])[0],
+                                              _spatial(mask_ref, props["spacing"])[0], spacing, tol)
+        results["metrics"][r] = m
+    if uncertainty:
+        results.update(_uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_regions,
+                                          has_regions))
+    return results
+
+
+def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_regions, has_regions) -> dict:
+    """Calibration bins from CASE.npz and uncertainty histograms from CASE_uncertainty (or the npz's entropy)."""
+    import SimpleITK as sitk
+
+    from diffnnunet.evaluation.uncertainty import (calibration_bins, confidence_and_correctness,
+                                                   uncertainty_histograms)
+    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX, normalized_entropy
+
+    base, ending = _split_ending(prediction_file)
+    out = {}
+    valid = np.ones(seg_ref.shape[1:], bool) if ignore is None else ~ignore[0]
+    probs = None
+    if os.path.isfile(base + ".npz"):
+        probs = np.load(base + ".npz")["probabilities"]
+        conf, correct = confidence_and_correctness(probs, seg_ref[0], labels_or_regions, has_regions)
+        keep = np.broadcast_to(valid, conf.shape)
+        out["_ece_bins"] = calibration_bins(conf[keep], correct[keep])
+    unc_file = base + UNCERTAINTY_SUFFIX + ending
+    if os.path.isfile(unc_file):
+        unc = sitk.GetArrayFromImage(sitk.ReadImage(unc_file)).reshape(seg_ref.shape[1:])
+    elif probs is not None:
+        unc = normalized_entropy(probs, has_regions)
+    else:
+        return out
+    wrong = seg_pred[0] != seg_ref[0]
+    out["_auroc_hist"] = uncertainty_histograms(unc[valid], wrong[valid])
+    return out
+
+
+def _split_ending(path: str) -> tuple[str, str]:
+    for ending in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff"):
+        if path.endswith(ending):
+            return path[: -len(ending)], ending
+    base, ext = os.path.splitext(path)
+    return base, ext
+
+
+def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, image_reader_writer,
+                    file_ending: str, labels_or_regions, ignore_label: int | None = None, num_processes: int = 2,
+                    nsd_tolerance: dict | float = DEFAULT_NSD_TOLERANCE_MM, has_regions: bool = False,
+                    chill: bool = True) -> dict:
+    """nnU-Net's summary.json (metric_per_case, mean, foreground_mean) with HD95 and NSD, plus an
+    ``uncertainty`` section (pooled ECE and AUROC) when probabilities or uncertainty maps are present."""
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, ece_from_bins
+    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
+
+    preds = sorted(f for f in os.listdir(folder_pred) if f.endswith(file_ending) and not f.startswith(".")
+                   and not f.endswith(UNCERTAINTY_SUFFIX + file_ending))
+    missing = [f for f in preds if not os.path.isfile(os.path.join(folder_ref, f))]
+    if missing:
+        raise FileNotFoundError(f"{os.path.join(folder_ref, missing[0])}: no reference for prediction {missing[0]}")
+    if not chill:
+        refs = [f for f in os.listdir(folder_ref) if f.endswith(file_ending)]
+        absent = sorted(set(refs) - set(preds))
+        if absent:
+            raise FileNotFoundError(f"{os.path.join(folder_pred, absent[0])}: prediction missing")
+    if not preds:
+        raise FileNotFoundError(f"{folder_pred}: no predictions ending with {file_ending}")
+    args = [(os.path.join(folder_ref, f), os.path.join(folder_pred, f), image_reader_writer, labels_or_regions,
+             ignore_label, nsd_tolerance, True, has_regions) for f in preds]
+    if num_processes > 1 and len(args) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(args))) as pool:
+            results = pool.starmap(compute_case_metrics, args)
+    else:
+        results = [compute_case_metrics(*a) for a in args]
+    names = list(results[0]["metrics"][labels_or_regions[0]].keys())
+    means = {r: {m: float(np.nanmean([c["metrics"][r][m] for c in results])) if not all(
+        np.isnan(c["metrics"][r][m]) for c in results) else float("nan") for m in names} for r in labels_or_regions}
+    foreground = {m: float(np.mean([means[r][m] for r in means if r not in (0, "0")])) for m in names}
+    summary = {"metric_per_case": results, "mean": means, "foreground_mean": foreground}
+    ece_bins = [c.pop("_ece_bins") for c in results if "_ece_bins" in c]
+    hists = [c.pop("_auroc_hist") for c in results if "_auroc_hist" in c]
+    if ece_bins or hists:
+        summary["uncertainty"] = {
+            "ECE": ece_from_bins(sum(ece_bins)) if ece_bins else None,
+            "AUROC_uncertainty_vs_error": auroc_from_histograms(sum(hists)) if hists else None,
+            "n_cases": max(len(ece_bins), len(hists)),
+        }
+    [recursive_fix_for_json_export(c) for c in results]
+    recursive_fix_for_json_export(summary)
+    if output_file is not None:
+        tmp = os.path.join(os.path.dirname(os.path.abspath(output_file)), ".partial_" + os.path.basename(output_file))
+        save_summary_json(summary, tmp)
+        os.replace(tmp, output_file)
+    return summary
+
+
+def compute_metrics_on_folder_with_surfaces(folder_ref, folder_pred, output_file, image_reader_writer, file_ending,
+                                            regions_or_labels, ignore_label=None, num_processes=2, chill=True):
+    """Drop-in for nnU-Net's ``compute_metrics_on_folder`` used by the fold's final validation."""
+    has_regions = any(isinstance(r, (tuple, list)) for r in regions_or_labels)
+    return evaluate_folder(folder_ref, folder_pred, output_file, image_reader_writer, file_ending,
+                           list(regions_or_labels), ignore_label, num_processes, has_regions=has_regions,
+                           chill=chill)

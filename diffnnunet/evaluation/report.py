@@ -1,0 +1,25 @@
+"""Plain-text tables of a summary.json."""
+from __future__ import annotations
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    try:
+        return f"{float(v):.4f}" if float(v) == float(v) else "nan"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'label':>10s} {'Dice':>8s} {'IoU':>8s} {'HD95 mm':>9s} {'NSD':>8s}")
+    rows = list(summary["mean"].items()) + [("fg mean", summary["foreground_mean"])]
+    for key, m in rows:
+        lines.append(f"{str(key):>10s} {_fmt(m['Dice']):>8s} {_fmt(m['IoU']):>8s} {_fmt(m.get('HD95')):>9s} "
+                     f"{_fmt(m.get('NSD')):>8s}")
+    unc = summary.get("uncertainty")
+    if unc:
+        lines.append(f"uncertainty: ECE {_fmt(unc.get('ECE'))}  AUROC(uncertainty vs error) "
+                     f"{_fmt(unc.get('AUROC_uncertainty_vs_error'))}  ({unc.get('n_cases')} cases)")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Known answers for the metrics and the uncertainty-quality figures."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from diffnnunet.cli import evaluate
+from diffnnunet.evaluation.metrics import surface_metrics
+from diffnnunet.evaluation.uncertainty import (auroc_from_histograms, calibration_bins, ece_from_bins,
+                                               uncertainty_histograms)
+
+
+def test_hd95_slab_grown_by_one_thick_slice():
+    ref = np.zeros((10, 20, 20), bool)
+    ref[3:6, 5:15, 5:15] = True
+    pred = ref.copy()
+    pred[6] = ref[5]
+    hd95, nsd = surface_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=2.0)
+    assert hd95 == pytest.approx(3.0)
+    assert 0 < nsd < 1
+    assert surface_metrics(pred, ref, (3.0, 1.0, 1.0), tolerance_mm=3.0)[1] == pytest.approx(1.0)
+
+
+def test_hd95_slab_grown_by_one_thin_column():
+    ref = np.zeros((10, 20, 20), bool)
+    ref[3:6, 5:15, 5:15] = True
+    pred = ref.copy()
+    pred[3:6, 5:15, 15] = True
+    assert surface_metrics(pred, ref, (3.0, 1.0, 0.7), 1.0)[0] == pytest.approx(0.7)
+
+
+def test_2d_spacing_aware():
+    ref = np.zeros((20, 20), bool)
+    ref[5:15, 5:15] = True
+    pred = ref.copy()
+    pred[15, 5:15] = True
+    assert surface_metrics(pred, ref, (1.5, 0.5), 1.0)[0] == pytest.approx(1.5)
+
+
+def test_empty_mask_rules():
+    empty = np.zeros((4, 5, 6), bool)
+    full = empty.copy()
+    full[1, 1, 1] = True
+    assert surface_metrics(empty, empty, (2.0, 1.0, 1.0), 1.0) == (0.0, 1.0)
+    diag = np.sqrt((4 * 2.0) ** 2 + 5 ** 2 + 6 ** 2)
+    assert surface_metrics(empty, full, (2.0, 1.0, 1.0), 1.0) == (pytest.approx(diag), 0.0)
+    assert surface_metrics(full, empty, (2.0, 1.0, 1.0), 1.0) == (pytest.approx(diag), 0.0)
+
+
+def test_ece_known_answers():
+    conf = np.array([0.95] * 10 + [0.55] * 10)
+    correct = np.array([1] * 10 + [1] * 5 + [0] * 5)
+    # bin of 0.95: acc 1.0 vs conf 0.95; bin of 0.55: acc 0.5 vs conf 0.55 -> (10*0.05 + 10*0.05) / 20
+    assert ece_from_bins(calibration_bins(conf, correct)) == pytest.approx(0.05)
+    assert ece_from_bins(calibration_bins(np.ones(5), np.ones(5))) == pytest.approx(0.0)
+
+
+def test_auroc_known_answers():
+    u = np.array([0.9, 0.8, 0.1, 0.2, 0.3])
+    wrong = np.array([1, 1, 0, 0, 0], bool)
+    assert auroc_from_histograms(uncertainty_histograms(u, wrong)) == pytest.approx(1.0)
+    assert auroc_from_histograms(uncertainty_histograms(u, ~wrong)) == pytest.approx(0.0)
+    assert auroc_from_histograms(uncertainty_histograms(np.full(4, 0.5), np.array([1, 0, 1, 0], bool))) == 0.5
+    assert np.isnan(auroc_from_histograms(uncertainty_histograms(u, np.zeros(5, bool))))
+
+
+def _write(arr, path, spacing, dtype=np.uint8):
+    img = sitk.GetImageFromArray(arr.astype(dtype))
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        r = np.zeros((6, 16, 16), np.uint8)
+        r[2:4, 4:10, 4:10] = 1
+        r[1:3, 11:14, 11:14] = 2
+        p = r.copy()
+        p[4, 4:10, 4:10] = 1  # one extra slice of label 1
+        if i == 2:
+            p[p == 2] = 0  # label 2 missed entirely in one case
+        _write(r, str(ref / f"c{i}.nii.gz"), (1.0, 1.0, 3.0))
+        _write(p, str(pred / f"c{i}.nii.gz"), (1.0, 1.0, 3.0))
+        probs = np.stack([(p == k).astype(np.float32) * 0.8 + 0.1 for k in range(3)])
+        probs /= probs.sum(0, keepdims=True)
+        np.savez(str(pred / f"c{i}.npz"), probabilities=probs)
+        unc = (p != r).astype(np.float32) * 0.9 + rng.uniform(0, 0.05, r.shape).astype(np.float32)
+        _write(unc, str(pred / f"c{i}_uncertainty.nii.gz"), (1.0, 1.0, 3.0), np.float32)
+    dj = {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+          "numTraining": 3}
+    json.dump(dj, open(tmp_path / "dataset.json", "w"))
+    return str(ref), str(pred), str(tmp_path / "dataset.json")
+
+
+def test_evaluate_cli_matches_nnunet_and_adds_surface_metrics(folders, capsys):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    ref, pred, dj = folders
+    out = os.path.join(pred, "ours.json")
+    evaluate.main(["-ref", ref, "-pred", pred, "-djfile", dj, "-o", out, "-np", "1"])
+    ours = json.load(open(out))
+    # nnU-Net's own evaluation on the same folder (minus our extra files)
+    clean = os.path.join(os.path.dirname(pred), "clean")
+    os.makedirs(clean)
+    for f in os.listdir(pred):
+        if f.endswith(".nii.gz") and "uncertainty" not in f:
+            os.link(os.path.join(pred, f), os.path.join(clean, f))
+    theirs = compute_metrics_on_folder(ref, clean, None, SimpleITKIO(), ".nii.gz", [1, 2], num_processes=1)
+    for label in (1, 2):
+        for m in ("Dice", "IoU", "TP", "FP", "FN"):
+            assert ours["mean"][str(label)][m] == pytest.approx(theirs["mean"][label][m])
+    assert ours["foreground_mean"]["Dice"] == pytest.approx(theirs["foreground_mean"]["Dice"])
+    case0 = ours["metric_per_case"][0]["metrics"]
+    assert case0["1"]["HD95"] == pytest.approx(3.0) and case0["2"]["HD95"] == 0.0
+    missed = ours["metric_per_case"][2]["metrics"]["2"]
+    assert missed["Dice"] == 0 and missed["NSD"] == 0
+    assert missed["HD95"] == pytest.approx(np.sqrt(18 ** 2 + 16 ** 2 + 16 ** 2))
+    unc = ours["uncertainty"]
+    assert unc["AUROC_uncertainty_vs_error"] > 0.99 and 0 <= unc["ECE"] <= 1
+    printed = capsys.readouterr().out
+    assert "HD95" in printed and "AUROC" in printed
+
+
+def test_evaluate_cli_errors(folders, tmp_path, capsys):
+    ref, pred, dj = folders
+    os.remove(os.path.join(ref, "c1.nii.gz"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["-ref", ref, "-pred", pred, "-djfile", dj, "-np", "1"])
+    assert e.value.code == 2 and "c1.nii.gz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["-ref", str(tmp_path / "nope"), "-pred", pred, "-djfile", dj])
+    assert "nope: folder not found" in capsys.readouterr().err
