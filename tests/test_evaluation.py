@@ -8,8 +8,12 @@ import SimpleITK as sitk
 
 from diffnnunet.cli import evaluate
 from diffnnunet.evaluation.metrics import surface_metrics
-from diffnnunet.evaluation.uncertainty import (auroc_from_histograms, calibration_bins, ece_from_bins,
-                                               uncertainty_histograms)
+from diffnnunet.evaluation.uncertainty import (
+    auroc_from_histograms,
+    calibration_bins,
+    ece_from_bins,
+    uncertainty_histograms,
+)
 
 
 def test_hd95_slab_grown_by_one_thick_slice():

@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-d", required=True, help="dataset ID or name")
     p.add_argument("-tr", default="DiffUNetTrainer", help="trainer the model was trained with")
-    p.add_argument("-c", default=None, help="configuration (default: 3d_fullres for 3D data, else 2d)")
+    p.add_argument("-c", default=None, help="configuration (default: the first trained of 3d_fullres, 2d, "
+                                            "3d_lowres, i.e. 3d_fullres for 3D data and 2d for 2D data)")
     p.add_argument("-p", default=None, help="plans identifier (default depends on the trainer)")
     p.add_argument("-f", nargs="+", default=None, help="folds (default: every trained fold)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
@@ -39,8 +40,6 @@ def model_folder(dataset_name: str, trainer: str, plans: str, configuration: str
 
 def resolve_model(args):
     """-> (model folder, configuration, folds), with one-line errors for everything that is missing."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
     from diffnnunet.trainers import default_plans_for, get_trainer_class
 
     try:
@@ -72,7 +71,6 @@ def resolve_model(args):
                if not os.path.isfile(os.path.join(folder, f"fold_{f}", args.chk))]
     if missing:
         raise UserError(f"{missing[0]}: checkpoint not found (train this fold first)")
-    load_json(os.path.join(folder, "plans.json"))
     return folder, configuration, folds
 
 

@@ -79,8 +79,7 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
     """Calibration bins from CASE.npz and uncertainty histograms from CASE_uncertainty (or the npz's entropy)."""
     import SimpleITK as sitk
 
-    from diffnnunet.evaluation.uncertainty import (calibration_bins, confidence_and_correctness,
-                                                   uncertainty_histograms)
+    from diffnnunet.evaluation.uncertainty import calibration_bins, confidence_and_correctness, uncertainty_histograms
     from diffnnunet.inference.export import UNCERTAINTY_SUFFIX, normalized_entropy
 
     base, ending = _split_ending(prediction_file)

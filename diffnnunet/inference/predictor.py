@@ -1,9 +1,9 @@
 """DiffusionPredictor: nnU-Net's predictor with only the per-window network call replaced by the sampler.
 
 nnU-Net's preprocessing, Gaussian-weighted sliding window (here blending *probabilities*), resampling to the
-original geometry and export stay. The blended probabilities are handed to nnU-Net's export as log-probabilities
-(softmax of log p is p) or, for regions, as logit(p) (sigmoid of logit p is p), so argmax, ``--save_probabilities``
-and nnUNetv2_ensemble see the diffusion model's probabilities unchanged. Stock nnU-Net models pass straight through.
+original geometry and export stay. The blended per-channel probabilities are handed to nnU-Net's export as logit(p)
+(see :func:`probabilities_to_logits`), so argmax, ``--save_probabilities`` and nnUNetv2_ensemble see proper class
+probabilities. Stock nnU-Net models pass straight through.
 """
 from __future__ import annotations
 
@@ -25,11 +25,15 @@ _EPS = 1e-6
 
 
 def probabilities_to_logits(probs: torch.Tensor, has_regions: bool) -> torch.Tensor:
-    """``(C, *spatial)`` probabilities -> values whose softmax (labels) or sigmoid (regions) gives them back."""
+    """Fused per-channel probabilities ``(C, *spatial)`` -> logit(p) = log(p / (1 - p)).
+
+    Regions: nnU-Net's sigmoid gives p back. Mutually exclusive labels: nnU-Net's softmax gives
+    P(class c) = odds_c / sum_k odds_k = p_c prod_{k!=c} (1 - p_k) / Z, the probability that channel c is the one
+    'on' channel when the channels are independent Bernoullis: the one-hot constraint applied to the denoiser's
+    per-channel (sigmoid) estimates. Its argmax is the argmax of p.
+    """
     p = probs.float().clamp(_EPS, 1 - _EPS)
-    if has_regions:
-        return torch.log(p) - torch.log1p(-p)
-    return torch.log(p / p.sum(0, keepdim=True))
+    return torch.log(p) - torch.log1p(-p)
 
 
 class DiffusionPredictor(nnUNetPredictor):
@@ -79,19 +83,22 @@ class DiffusionPredictor(nnUNetPredictor):
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
 
     def _configure_sampling(self):
-        self.diffusion = self.configuration_manager.configuration.get("diffusion")
-        if self.diffusion is None:
+        from diffnnunet.planners import DEFAULT_DIFFUSION
+        section = self.configuration_manager.configuration.get("diffusion")
+        if section is None:
+            self.diffusion = None
             return
-        seed = self.seed if self.seed is not None else self.diffusion.get("seed", 0)
+        self.diffusion = {**DEFAULT_DIFFUSION.get(section.get("method"), {}), **section}  # plans win
+        seed = self.seed if self.seed is not None else self.diffusion["seed"]
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
     @property
     def sampling_steps(self) -> int:
-        return int(self.steps_override or self.diffusion.get("sampling_steps", 10))
+        return int(self.steps_override or self.diffusion["sampling_steps"])
 
     @property
     def samples_per_step(self) -> int:
-        return int(self.samples_override or self.diffusion.get("samples_per_step", 1))
+        return int(self.samples_override or self.diffusion["samples_per_step"])
 
     # -- the per-window call -----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,160 @@
+"""diffnnunet_demo: the main job on the embedded default dataset, on CPU in minutes.
+
+plan -> train (short budget) -> predict -> evaluate, for DiffUNetTrainer and the nnUNetTrainer baseline side by
+side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see datasets/icbm152.py). Prints one
+table per trainer and writes pictures (image | ground truth | prediction | uncertainty, and training curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from diffnnunet.cli.common import cli_entry
+
+DATASET_ID = 990
+TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="diffnnunet_demo", description=__doc__)
+    p.add_argument("--workdir", default="diffnnunet_demo", help="where raw/preprocessed/results/predictions go")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--iterations-per-epoch", type=int, default=20)
+    p.add_argument("--val-iterations", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="DiffUNet learning rate written into the demo's plans (the paper's 1e-4 suits long runs)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
+    p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
+    p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--factor", type=int, default=3, help="downsampling of the 1 mm template (3 -> 3 mm)")
+    p.add_argument("--trainers", nargs="+", default=list(TRAINERS))
+    return p
+
+
+def _set_paths(workdir: str) -> dict:
+    paths = {k: os.path.abspath(os.path.join(workdir, k)) for k in
+             ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for v in paths.values():
+        os.makedirs(v, exist_ok=True)
+    os.environ.update(paths)
+    return paths
+
+
+def _train(trainer_name: str, args, device) -> float:
+    import torch
+
+    from diffnnunet.cli.train import load_trainer
+    trainer = load_trainer(str(DATASET_ID), trainer_name, "0", "2d", None, device)
+    trainer.num_epochs = args.epochs
+    trainer.num_iterations_per_epoch = args.iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = args.val_iterations
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    trainer.run_training()
+    return time.perf_counter() - start
+
+
+def _predict(trainer_name: str, images: str, out: str, args, device) -> float:
+    from diffnnunet.cli.checks import check_prediction_inputs
+    from diffnnunet.cli.predict import model_folder
+    from diffnnunet.inference import DiffusionPredictor
+    from diffnnunet.trainers import default_plans_for, get_trainer_class
+
+    folder = model_folder(f"Dataset{DATASET_ID}_ICBM152Slices", trainer_name,
+                          default_plans_for(get_trainer_class(trainer_name)), "2d")
+    predictor = DiffusionPredictor(use_mirroring=False, device=device, steps=args.steps, samples=args.samples,
+                                   save_uncertainty=True, allow_tqdm=False, verbose=False)
+    predictor.initialize_from_trained_model_folder(folder, [0], "checkpoint_final.pth")
+    lists = check_prediction_inputs(images, predictor.dataset_json)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    predictor.predict_from_files(lists, out, save_probabilities=True, num_processes_preprocessing=1,
+                                 num_processes_segmentation_export=2)
+    return time.perf_counter() - start
+
+
+def _figure(raw: str, predictions: dict, out_png: str, n_cases: int = 3) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    def read(path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+    cases = sorted(f[:-12] for f in os.listdir(os.path.join(raw, "imagesTs")))
+    cases = [cases[i] for i in np.linspace(0, len(cases) - 1, min(n_cases, len(cases))).astype(int)]
+    cols = 2 + 2 * len(predictions)
+    fig, axes = plt.subplots(len(cases), cols, figsize=(2.2 * cols, 2.4 * len(cases)), squeeze=False)
+    for r, case in enumerate(cases):
+        panels = [("image", read(os.path.join(raw, "imagesTs", case + "_0000.nii.gz")), "gray"),
+                  ("ground truth", read(os.path.join(raw, "labelsTs", case + ".nii.gz")), "viridis")]
+        for name, folder in predictions.items():
+            panels.append((f"{name}\nprediction", read(os.path.join(folder, case + ".nii.gz")), "viridis"))
+            panels.append((f"{name}\nuncertainty", read(os.path.join(folder, case + "_uncertainty.nii.gz")),
+                           "magma"))
+        for c, (title, arr, cmap) in enumerate(panels):
+            ax = axes[r, c]
+            vmax = 1 if "uncertainty" in title else (2 if cmap == "viridis" else None)
+            ax.imshow(np.rot90(arr.T), cmap=cmap, vmin=0 if vmax else None, vmax=vmax)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+@cli_entry("diffnnunet_demo")
+def main(argv=None):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from diffnnunet.cli.common import parse_device
+    from diffnnunet.cli.plan_and_preprocess import plan_and_preprocess_dataset
+    from diffnnunet.datasets.icbm152 import make_icbm152_dataset
+    from diffnnunet.evaluation import evaluate_folder
+    from diffnnunet.evaluation.report import format_summary
+
+    args = build_parser().parse_args(argv)
+    device = parse_device(args.device)
+    paths = _set_paths(args.workdir)
+    t0 = time.perf_counter()
+    raw = make_icbm152_dataset(paths["nnUNet_raw"], DATASET_ID, factor=args.factor)
+    name = os.path.basename(raw)
+    plan_and_preprocess_dataset(name, ["2d"], 2, clean=True)
+    plans_file = os.path.join(paths["nnUNet_preprocessed"], name, "DiffnnUNetPlans.json")
+    plans = json.load(open(plans_file))
+    plans["configurations"]["2d"]["diffusion"]["optimizer"]["initial_lr"] = args.lr
+    json.dump(plans, open(plans_file, "w"), indent=2)
+    t_plan = time.perf_counter() - t0
+    out_root = os.path.join(args.workdir, "predictions")
+    report, predictions = [], {}
+    for trainer in args.trainers:
+        t_train = _train(trainer, args, device)
+        pred = os.path.join(out_root, trainer)
+        t_pred = _predict(trainer, os.path.join(raw, "imagesTs"), pred, args, device)
+        summary = evaluate_folder(os.path.join(raw, "labelsTs"), pred, os.path.join(pred, "summary.json"),
+                                  SimpleITKIO(), ".nii.gz", [1, 2], num_processes=2)
+        predictions[trainer] = pred
+        n_test = len(os.listdir(os.path.join(raw, "labelsTs")))
+        report.append(format_summary(summary, f"\n== {trainer}: {args.epochs} epochs x {args.iterations_per_epoch}"
+                                              f" iterations, {n_test} test slices (labels 1 = grey, 2 = white "
+                                              f"matter)")
+                      + f"\ntime: training {t_train:.1f} s, prediction {t_pred:.1f} s")
+        shutil.copy(os.path.join(paths["nnUNet_results"], name, f"{trainer}__"
+                                 f"{'DiffnnUNetPlans' if trainer != 'nnUNetTrainer' else 'nnUNetPlans'}__2d",
+                                 "fold_0", "progress.png"), os.path.join(args.workdir, f"progress_{trainer}.png"))
+    figure = os.path.join(args.workdir, "predictions.png")
+    _figure(raw, predictions, figure)
+    print("\n".join(report))
+    print(f"\nplanning + preprocessing {t_plan:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    print(f"pictures: {figure}, " + ", ".join(os.path.join(args.workdir, f"progress_{t}.png")
+                                              for t in args.trainers))
+
+
+if __name__ == "__main__":
+    main()
