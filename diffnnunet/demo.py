@@ -21,8 +21,8 @@ TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer")
 def build_parser():
     p = argparse.ArgumentParser(prog="diffnnunet_demo", description=__doc__)
     p.add_argument("--workdir", default="diffnnunet_demo", help="where raw/preprocessed/results/predictions go")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--iterations-per-epoch", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--iterations-per-epoch", type=int, default=25)
     p.add_argument("--val-iterations", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="DiffUNet learning rate written into the demo's plans (the paper's 1e-4 suits long runs)")

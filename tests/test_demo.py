@@ -1,0 +1,25 @@
+"""The main job's code path at a tiny budget: real ICBM152 slices, both trainers, tables and pictures."""
+import json
+import os
+
+import pytest
+
+pytest.importorskip("nilearn")
+
+
+def test_demo_tiny_budget(tmp_path, capsys, monkeypatch):
+    from diffnnunet import demo
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(k, raising=False)
+    work = tmp_path / "demo"
+    demo.main(["--workdir", str(work), "--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1",
+               "--steps", "2", "--samples", "1", "--factor", "6", "-device", "cpu"])
+    out = capsys.readouterr().out
+    for trainer in ("nnUNetTrainer", "DiffUNetTrainer"):
+        assert f"== {trainer}" in out
+        summary = json.load(open(work / "predictions" / trainer / "summary.json"))
+        assert {"1", "2"} == set(summary["mean"]) and "HD95" in summary["mean"]["1"]
+        assert summary["uncertainty"]["n_cases"] > 0
+        assert (work / f"progress_{trainer}.png").stat().st_size > 0
+    assert "AUROC" in out and "time: training" in out
+    assert os.path.getsize(work / "predictions.png") > 10000
