@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 
 import numpy as np
 
@@ -33,9 +34,11 @@ def surface_metrics(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: fl
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
     p, r = torch.from_numpy(pred)[None, None], torch.from_numpy(ref)[None, None]
     spacing = [float(s) for s in spacing]
-    hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
-    nsd = compute_surface_dice(torch.cat([~p, p], 1), torch.cat([~r, r], 1), class_thresholds=[float(tolerance_mm)],
-                               include_background=False, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI's deprecation notices about its own internals
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+        nsd = compute_surface_dice(torch.cat([~p, p], 1), torch.cat([~r, r], 1),
+                                   class_thresholds=[float(tolerance_mm)], include_background=False, spacing=spacing)
     return float(hd95.item()), float(nsd.item())
 
 
