@@ -91,3 +91,10 @@ def test_cli_refuses_bad_dataset_without_writing_plans(raw, tmp_path, monkeypatc
     assert last.startswith("diffnnunet_plan_and_preprocess: error:") and "case_002" in last
     assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "pre" / os.path.basename(raw) / "DiffnnUNetPlans.json")
+
+
+def test_channels_of_one_case_disagree(raw):
+    path = os.path.join(raw, "imagesTr", "case_000_0001.nii.gz")
+    _rewrite(path, lambda img: sitk.Image([7, 7], img.GetPixelID()))
+    with pytest.raises(UserError, match="case_000_0001.nii.gz: shape/spacing"):
+        check_raw_dataset(raw, 1)

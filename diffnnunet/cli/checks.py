@@ -59,6 +59,16 @@ def _read_image(rw, path: str):
     return data.shape[1:], np.asarray(props["spacing"], float)
 
 
+def _check_channels(rw, files: list[str]) -> tuple:
+    """Read every channel of one case; all must share shape and spacing. Returns channel 0's (shape, spacing)."""
+    geo = [_read_image(rw, f) for f in files]
+    for f, (shape, spacing) in zip(files[1:], geo[1:]):
+        if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
+            raise UserError(f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 "
+                            f"{geo[0][0]}/{tuple(geo[0][1])}")
+    return geo[0]
+
+
 def _check_case(args) -> str | None:
     """Returns an error line for one training case, or None."""
     dataset_json, case, images, label = args
@@ -68,22 +78,18 @@ def _check_case(args) -> str | None:
         if len(images) != n:
             return (f"{case}: {len(images)} image file(s) in imagesTr but dataset.json declares {n} channel(s) "
                     f"({images[0] if images else case})")
-        geo = [_read_image(rw, f) for f in images]
-        for f, (shape, spacing) in zip(images[1:], geo[1:]):
-            if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
-                return (f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 "
-                        f"{geo[0][0]}/{tuple(geo[0][1])}")
+        shape, spacing = _check_channels(rw, images)
         if label is None or not os.path.isfile(label):
             return f"{label or case}: label file missing"
         try:
             seg, seg_props = rw.read_seg(label)
         except Exception as e:  # noqa: BLE001
             return f"{label}: cannot read label ({' '.join(str(e).split()) or type(e).__name__})"
-        if seg.shape[1:] != geo[0][0]:
-            return f"{label}: label shape {seg.shape[1:]} does not match image shape {geo[0][0]}"
-        if not np.allclose(seg_props["spacing"], geo[0][1], rtol=1e-3):
+        if seg.shape[1:] != shape:
+            return f"{label}: label shape {seg.shape[1:]} does not match image shape {shape}"
+        if not np.allclose(seg_props["spacing"], spacing, rtol=1e-3):
             return (f"{label}: label spacing {tuple(seg_props['spacing'])} does not match image spacing "
-                    f"{tuple(geo[0][1])}")
+                    f"{tuple(spacing)}")
         allowed = allowed_label_values(dataset_json)
         bad = sorted(set(np.unique(seg).astype(int).tolist()) - allowed)
         if bad:
@@ -157,10 +163,6 @@ def check_prediction_inputs(input_folder: str, dataset_json: dict) -> list[list[
                             f"expects {n} ({want})")
         files = [channels[i] for i in range(n)]
         rw = rw or _reader(dataset_json, files[0])
-        geo = [_read_image(rw, f) for f in files]
-        for f, (shape, spacing) in zip(files[1:], geo[1:]):
-            if shape != geo[0][0] or not np.allclose(spacing, geo[0][1], rtol=1e-3):
-                raise UserError(f"{f}: shape/spacing {shape}/{tuple(spacing)} differs from channel 0 "
-                                f"{geo[0][0]}/{tuple(geo[0][1])}")
+        _check_channels(rw, files)
         lists.append(files)
     return lists

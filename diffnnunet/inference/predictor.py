@@ -8,7 +8,6 @@ probabilities. Stock nnU-Net models pass straight through.
 from __future__ import annotations
 
 import itertools
-import os
 from functools import partial
 
 import torch
@@ -134,9 +133,3 @@ class DiffusionPredictor(nnUNetPredictor):
         with swapped(predict_module, "export_prediction_from_logits", export):
             return super().predict_from_data_iterator(data_iterator, save_probabilities,
                                                       num_processes_segmentation_export)
-
-
-def checkpoint_exists(model_folder: str, folds, checkpoint_name: str) -> list[str]:
-    """The missing ``fold_X/checkpoint`` paths among ``folds``."""
-    return [join(model_folder, f"fold_{f}", checkpoint_name) for f in folds
-            if not os.path.isfile(join(model_folder, f"fold_{f}", checkpoint_name))]
