@@ -57,14 +57,18 @@ def _train(trainer_name: str, args, device) -> float:
     return time.perf_counter() - start
 
 
+def _model_folder(trainer_name: str) -> str:
+    from diffnnunet.cli.predict import model_folder
+    from diffnnunet.trainers import default_plans_for, get_trainer_class
+    return model_folder(f"Dataset{DATASET_ID}_ICBM152Slices", trainer_name,
+                        default_plans_for(get_trainer_class(trainer_name)), "2d")
+
+
 def _predict(trainer_name: str, images: str, out: str, args, device) -> float:
     from diffnnunet.cli.checks import check_prediction_inputs
-    from diffnnunet.cli.predict import model_folder
     from diffnnunet.inference import DiffusionPredictor
-    from diffnnunet.trainers import default_plans_for, get_trainer_class
 
-    folder = model_folder(f"Dataset{DATASET_ID}_ICBM152Slices", trainer_name,
-                          default_plans_for(get_trainer_class(trainer_name)), "2d")
+    folder = _model_folder(trainer_name)
     predictor = DiffusionPredictor(use_mirroring=False, device=device, steps=args.steps, samples=args.samples,
                                    save_uncertainty=True, allow_tqdm=False, verbose=False)
     predictor.initialize_from_trained_model_folder(folder, [0], "checkpoint_final.pth")
@@ -145,9 +149,8 @@ def main(argv=None):
                                               f" iterations, {n_test} test slices (labels 1 = grey, 2 = white "
                                               f"matter)")
                       + f"\ntime: training {t_train:.1f} s, prediction {t_pred:.1f} s")
-        shutil.copy(os.path.join(paths["nnUNet_results"], name, f"{trainer}__"
-                                 f"{'DiffnnUNetPlans' if trainer != 'nnUNetTrainer' else 'nnUNetPlans'}__2d",
-                                 "fold_0", "progress.png"), os.path.join(args.workdir, f"progress_{trainer}.png"))
+        shutil.copy(os.path.join(_model_folder(trainer), "fold_0", "progress.png"),
+                    os.path.join(args.workdir, f"progress_{trainer}.png"))
     figure = os.path.join(args.workdir, "predictions.png")
     _figure(raw, predictions, figure)
     print("\n".join(report))

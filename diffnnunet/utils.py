@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -48,17 +47,10 @@ def load_checkpoint_safely(path: str, map_location="cpu") -> dict:
         raise RuntimeError(f"{path}: cannot load checkpoint safely ({first})") from e
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary name in the same folder, then rename: never a half-written checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def partial_path(path: str) -> str:
+    """The temporary name an output is written under before it is renamed to ``path`` (same folder, hidden)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, ".partial_" + name)
 
 
 @contextmanager

@@ -55,7 +55,7 @@ def compute_case_metrics(reference_file: str, prediction_file: str, image_reader
         raise ValueError(f"{prediction_file}: shape {seg_pred.shape[1:]} differs from the reference "
                          f"{seg_ref.shape[1:]} ({reference_file})")
     ignore = seg_ref == ignore_label if ignore_label is not None else None
-    ref_sp, spacing = _spatial(seg_ref, props["spacing"])
+    spacing = _spatial(seg_ref, props["spacing"])[1]
     results = {"reference_file": reference_file, "prediction_file": prediction_file, "metrics": {}}
     for r in labels_or_regions:
         mask_ref = region_or_label_to_mask(seg_ref, r)
@@ -161,7 +161,8 @@ def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, 
     [recursive_fix_for_json_export(c) for c in results]
     recursive_fix_for_json_export(summary)
     if output_file is not None:
-        tmp = os.path.join(os.path.dirname(os.path.abspath(output_file)), ".partial_" + os.path.basename(output_file))
+        from diffnnunet.utils import partial_path
+        tmp = partial_path(os.path.abspath(output_file))
         save_summary_json(summary, tmp)
         os.replace(tmp, output_file)
     return summary

@@ -10,6 +10,8 @@ import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_pickle
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+from diffnnunet.utils import partial_path
+
 UNCERTAINTY_SUFFIX = "_uncertainty"
 
 
@@ -46,11 +48,6 @@ def write_float_image(array: np.ndarray, fname: str, properties: dict) -> None:
     sitk.WriteImage(image, fname, True)
 
 
-def _tmp(path: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, ".partial_" + name)
-
-
 def export_prediction_atomically(predicted_logits, properties: dict, configuration_manager, plans_manager,
                                  dataset_json, output_file_truncated: str, save_probabilities: bool = False,
                                  save_uncertainty: bool = False) -> None:
@@ -64,24 +61,25 @@ def export_prediction_atomically(predicted_logits, properties: dict, configurati
         return_probabilities=need_probs)
     segmentation, probabilities = ret if need_probs else (ret, None)
     ending = dataset_json["file_ending"]
-    written = []  # final paths, each first written as _tmp(path)
+    written = []  # final paths, each first written as partial_path(path)
     try:
         if save_probabilities:
             npz, pkl = output_file_truncated + ".npz", output_file_truncated + ".pkl"
             written += [npz, pkl]
-            with open(_tmp(npz), "wb") as f:  # a file object: numpy must not append its own suffix
+            with open(partial_path(npz), "wb") as f:  # a file object: numpy must not append its own suffix
                 np.savez_compressed(f, probabilities=probabilities)
-            save_pickle(properties, _tmp(pkl))
+            save_pickle(properties, partial_path(pkl))
         if save_uncertainty:
             unc = output_file_truncated + UNCERTAINTY_SUFFIX + ending
             written.append(unc)
-            write_float_image(normalized_entropy(probabilities, label_manager.has_regions), _tmp(unc), properties)
+            uncertainty = normalized_entropy(probabilities, label_manager.has_regions)
+            write_float_image(uncertainty, partial_path(unc), properties)
         seg_file = output_file_truncated + ending
         written.append(seg_file)  # renamed last: the segmentation's presence marks a finished case
-        plans_manager.image_reader_writer_class().write_seg(segmentation, _tmp(seg_file), properties)
+        plans_manager.image_reader_writer_class().write_seg(segmentation, partial_path(seg_file), properties)
         for path in written:
-            os.replace(_tmp(path), path)
+            os.replace(partial_path(path), path)
     finally:
         for path in written:
-            if os.path.exists(_tmp(path)):
-                os.remove(_tmp(path))
+            if os.path.exists(partial_path(path)):
+                os.remove(partial_path(path))

@@ -18,7 +18,7 @@ from torch import autocast
 from diffnnunet.methods import METHODS, encode_target
 from diffnnunet.networks import resolve_arch_kwargs
 from diffnnunet.trainers.lr_schedule import WarmupCosineLR
-from diffnnunet.utils import load_checkpoint_safely, swapped
+from diffnnunet.utils import load_checkpoint_safely, partial_path, swapped
 
 
 def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
@@ -148,7 +148,7 @@ class DiffusionTrainer(nnUNetTrainer):
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written)."""
-        tmp = filename + ".partial"
+        tmp = partial_path(filename)
         super().save_checkpoint(tmp)
         if os.path.isfile(tmp):
             os.replace(tmp, filename)
