@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default=None, help="plans identifier (default depends on the trainer)")
     p.add_argument("-f", nargs="+", default=None, help="folds (default: every trained fold)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
-    p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model folder's tuned sampling.json, else the plans')")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per step (default: the model folder's tuned sampling.json, else the plans')")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plans')")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--mirror", action="store_true",
@@ -95,7 +97,9 @@ def main(argv=None):
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror
-        print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples, "
+        source = "tuned, sampling.json" if predictor.tuned_sampling else "plans"
+        print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples "
+              f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
     os.makedirs(args.o, exist_ok=True)
     predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
