@@ -14,6 +14,12 @@ from diffnnunet.processes.gaussian import GaussianProcess, make_beta_schedule
 from diffnnunet.utils import expand_to
 
 _EPS = 1e-12
+_LOG_FLOOR = 1e-7  # probabilities are floored here inside logs (representable in float32, also next to 1 - p)
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    """log(p) with p floored at 1e-7: a bounded loss and gradient where an estimate is exactly 0 or 1."""
+    return torch.log(p.clamp(min=_LOG_FLOOR))
 
 
 def _coef(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -106,13 +112,11 @@ class BernoulliProcess(nn.Module):
     # -- losses ------------------------------------------------------------------------------------------------
     def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Eq. 8 (per voxel and channel): KL(B(q) || B(p)) = q log(q/p) + (1-q) log((1-q)/(1-p)), in nats."""
-        p = p.clamp(_EPS, 1 - _EPS)
-        return (torch.xlogy(q, q) - q * torch.log(p) + torch.xlogy(1 - q, 1 - q) - (1 - q) * torch.log1p(-p))
+        return (torch.xlogy(q, q) - q * _log(p) + torch.xlogy(1 - q, 1 - q) - (1 - q) * _log(1 - p))
 
     def decoder_nll(self, y0: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """-log B(y_0; p), the t = 1 term of the bound (``p`` = mu_hat at t = 1), per voxel and channel."""
-        p = p.clamp(_EPS, 1 - _EPS)
-        return -(y0 * torch.log(p) + (1 - y0) * torch.log1p(-p))
+        return -(y0 * _log(p) + (1 - y0) * _log(1 - p))
 
     def noise_nll(self, noise: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Eq. 9 per voxel and channel: BCE(eps_hat = sigmoid(logits), eps)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffnnunet.processes.bernoulli import _EPS, BernoulliProcess, _coef
+from diffnnunet.processes.bernoulli import _EPS, BernoulliProcess, _coef, _log
 
 
 def one_hot(labels: torch.Tensor, k: int, dtype) -> torch.Tensor:
@@ -88,11 +88,11 @@ class CategoricalProcess(BernoulliProcess):
     # -- losses ------------------------------------------------------------------------------------------------
     def kl(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """KL(Cat(q) || Cat(p)) per voxel, ``(B, 1, *spatial)``, in nats."""
-        return (torch.xlogy(q, q) - q * torch.log(p.clamp(min=_EPS))).sum(1, keepdim=True)
+        return (torch.xlogy(q, q) - q * _log(p)).sum(1, keepdim=True)
 
     def decoder_nll(self, y0: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """-log Cat(y_0; p) per voxel, ``(B, 1, *spatial)``."""
-        return -(y0 * torch.log(p.clamp(min=_EPS))).sum(1, keepdim=True)
+        return -(y0 * _log(p)).sum(1, keepdim=True)
 
     def noise_nll(self, noise: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the shift estimate softmax(logits) against e, per voxel ``(B, 1, *spatial)``."""
