@@ -148,7 +148,7 @@ def env(tmp_path_factory):
         plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "BerDiffPlans.json")
         plans = json.load(open(plans_file))
         for cfg in plans["configurations"].values():
-            cfg["diffusion"].update(sampling_steps=2, samples_per_step=3)
+            cfg["diffusion"].update(sampling_steps=2, samples_per_step=2)
         json.dump(plans, open(plans_file, "w"))
     yield paths
     for k, v in old.items():
