@@ -1,7 +1,8 @@
 """One small module per paper; ``METHODS`` maps the plans' ``diffusion.method`` to its class (explicit, no scan)."""
 from diffnnunet.methods.base import DiffusionMethod, encode_target
+from diffnnunet.methods.berdiff import BerDiff
 from diffnnunet.methods.diff_unet import DiffUNet
 
-METHODS = {"diff_unet": DiffUNet}
+METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff}
 
-__all__ = ["DiffusionMethod", "DiffUNet", "METHODS", "encode_target"]
+__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "METHODS", "encode_target"]

@@ -6,3 +6,9 @@ class DiffUNetTrainer(DiffusionTrainer):
     """Diff-UNet (Xing et al. 2023); settings come from the plans' diffusion section."""
 
     method_name = "diff_unet"
+
+
+class BerDiffTrainer(DiffusionTrainer):
+    """BerDiff (Chen et al. 2023); settings come from the plans' diffusion section (BerDiffPlans)."""
+
+    method_name = "berdiff"
