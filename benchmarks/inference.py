@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: all cores)")
     p.add_argument("--shape", type=int, nargs=3, default=None, help="case shape z y x (default 160 256 256; "
-                                                                     "--quick: 40 96 96)")
+                                                                     "--quick: 24 64 64)")
     p.add_argument("--gpu-memory-target", type=float, default=None,
-                   help="VRAM target (GB) for the planners (default 8; --quick: 0.5, for a small patch)")
+                   help="VRAM target (GB) for the planners (default 8; --quick: 0.1, for a small patch)")
     p.add_argument("--trainers", nargs="+", default=None, help="diffusion trainers (default: every registered one)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="time only the first N windows of modes c and d and extrapolate seconds per case to all "
@@ -229,8 +229,8 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    args.shape = args.shape or ([40, 96, 96] if args.quick else [160, 256, 256])
-    args.gpu_memory_target = args.gpu_memory_target or (0.5 if args.quick else 8.0)
+    args.shape = args.shape or ([24, 64, 64] if args.quick else [160, 256, 256])
+    args.gpu_memory_target = args.gpu_memory_target or (0.1 if args.quick else 8.0)
     args.num_train = 6
     for k, v in (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "2"), ("nnUNet_compile", "false")):
         os.environ.setdefault(k, v)

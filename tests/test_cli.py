@@ -26,7 +26,8 @@ def env(tmp_path_factory):
     os.environ.update(paths)
     for d in (2, 3):
         make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2"])
+    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
+                              "-methods", "diff_unet"])
     for d in (2, 3):  # fewer sampling steps keep the final validation and prediction fast on CPU
         plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "DiffnnUNetPlans.json")
         plans = json.load(open(plans_file))

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring for nnUNetTrainer models")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's .npz/.pkl")
-    p.add_argument("--save_uncertainty", action="store_true", help="also write CASE_uncertainty (float32, [0,1])")
+    p.add_argument("--save_uncertainty", action="store_true",
+                   help="also write CASE_uncertainty (float32, larger = less certain: the method's own map, else "
+                        "the normalized entropy)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=2, help="export processes")

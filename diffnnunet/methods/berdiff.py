@@ -89,6 +89,11 @@ class BerDiff(DiffusionMethod):
             t = torch.full((image.shape[0],), self.bernoulli.timesteps - 1, device=image.device, dtype=torch.long)
         return self.network(torch.cat([image, y_t.to(image.dtype)], dim=1), t)
 
+    def benchmark_forward(self, image: torch.Tensor):
+        y = image.new_zeros((image.shape[0], self.num_classes, *image.shape[2:]))
+        t = torch.full((image.shape[0],), self.bernoulli.timesteps - 1, device=image.device, dtype=torch.long)
+        return lambda: self(image, y, t)
+
     def _observe_targets(self, x0: torch.Tensor):
         """``auto``: the first target that is not one-hot switches to independent channels (regions)."""
         if bool(self.per_channel) or self.multiclass == "per_channel":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from copy import deepcopy
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from diffnnunet.methods import METHODS
 from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
@@ -71,6 +72,9 @@ class DiffusionPlanner(ExperimentPlanner):
         sampling chains of one window run together (``samples_per_forward``) within the memory budget, and
         whatever the method's ``configure_plans`` hook derives from the configuration."""
         settings = deepcopy(DEFAULT_DIFFUSION[self.method])
+        if settings.get("multiclass") == "auto":  # the dataset says whether its labels are exclusive or regions
+            labels = LabelManager(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
+            settings["multiclass"] = "per_channel" if labels.has_regions else "categorical"
         settings["inference_batch"] = int(plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)
         settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"],
                                                          plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)))
