@@ -44,14 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small generated case (finishes in ~3 min on 2 CPU cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per worker (default 1: multi-threaded CPU timings collapse when anything "
+                        "else runs on the cores; pass the core count on an idle machine)")
     p.add_argument("--shape", type=int, nargs=3, default=None, help="case shape z y x (default 160 256 256; "
-                                                                     "--quick: 24 64 64)")
+                                                                     "--quick: 20 48 48)")
     p.add_argument("--gpu-memory-target", type=float, default=None,
                    help="VRAM target (GB) for the planners (default 8; --quick: 0.1, for a small patch)")
     p.add_argument("--trainers", nargs="+", default=None, help="diffusion trainers (default: every registered one)")
     p.add_argument("--max-windows", type=int, default=None,
-                   help="time only the first N windows of modes c and d and extrapolate seconds per case to all "
+                   help="time only the first N windows of every mode and extrapolate seconds per case to all "
                         "windows (marked '*'; for CPU runs of big cases)")
     p.add_argument("--no-training", action="store_true", help="skip the training-iteration measurement")
     p.add_argument("--train-iterations", type=int, default=None, help="timed training iterations (default 6; "
@@ -144,7 +146,7 @@ def run_worker(spec: dict) -> dict:
     all_slicers = predictor._internal_get_sliding_window_slicers
     padded = [max(s, p) for s, p in zip(data.shape[1:], cm.patch_size)]
     n_windows = len(all_slicers(tuple(padded)))
-    limit = spec.get("max_windows") if mode in ("c", "d") else None
+    limit = spec.get("max_windows")
     if limit and limit < n_windows:
         predictor._internal_get_sliding_window_slicers = lambda shape: all_slicers(shape)[:limit]
     timed_windows = min(n_windows, limit or n_windows)
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
-    args.shape = args.shape or ([24, 64, 64] if args.quick else [160, 256, 256])
+    args.shape = args.shape or ([20, 48, 48] if args.quick else [160, 256, 256])
     args.gpu_memory_target = args.gpu_memory_target or (0.1 if args.quick else 8.0)
     args.num_train = 6
     for k, v in (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "2"), ("nnUNet_compile", "false")):
