@@ -1,7 +1,8 @@
 """One small module per paper; ``METHODS`` maps the plans' ``diffusion.method`` to its class (explicit, no scan)."""
 from diffnnunet.methods.base import DiffusionMethod, encode_target
 from diffnnunet.methods.diff_unet import DiffUNet
+from diffnnunet.methods.ldseg import LDSeg
 
-METHODS = {"diff_unet": DiffUNet}
+METHODS = {"diff_unet": DiffUNet, "ldseg": LDSeg}
 
-__all__ = ["DiffusionMethod", "DiffUNet", "METHODS", "encode_target"]
+__all__ = ["DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]

@@ -10,12 +10,13 @@ import pydoc
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
-from diffnnunet.trainers.variants import DiffUNetTrainer
+from diffnnunet.trainers.variants import DiffUNetTrainer, LDSegTrainer
 
 TRAINERS = {
     "nnUNetTrainer": nnUNetTrainer,
     "DiffusionTrainer": DiffusionTrainer,
     "DiffUNetTrainer": DiffUNetTrainer,
+    "LDSegTrainer": LDSegTrainer,
 }
 
 
@@ -38,4 +39,4 @@ def default_plans_for(cls) -> str:
     return "DiffnnUNetPlans" if is_diffusion_trainer(cls) else "nnUNetPlans"
 
 
-__all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "default_plans_for"]
+__all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "LDSegTrainer", "default_plans_for"]

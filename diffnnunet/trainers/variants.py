@@ -6,3 +6,9 @@ class DiffUNetTrainer(DiffusionTrainer):
     """Diff-UNet (Xing et al. 2023); settings come from the plans' diffusion section."""
 
     method_name = "diff_unet"
+
+
+class LDSegTrainer(DiffusionTrainer):
+    """LDSeg (Zaman et al. 2024): latent diffusion; settings come from the plans' diffusion section."""
+
+    method_name = "ldseg"
