@@ -1,4 +1,5 @@
-"""diffnnunet_plan_and_preprocess: nnU-Net fingerprint -> nnU-Net baseline plans + DiffnnUNetPlans -> preprocessing."""
+"""diffnnunet_plan_and_preprocess: nnU-Net fingerprint -> nnU-Net baseline plans + one plans file per diffusion method
+(``METHODS[m].plans_name``) -> preprocessing (2d/3d_fullres data shared by all plans)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify_dataset_integrity", action="store_true",
                    help="also run nnU-Net's own integrity check (diffnnunet's checks always run)")
     p.add_argument("-gpu_memory_target", type=float, default=8.0, help="VRAM target in GB for both planners")
-    p.add_argument("-method", default="diff_unet", help="diffusion method written into the plans")
+    p.add_argument("-methods", "-method", nargs="+", default=None,
+                   help="diffusion methods to plan, one plans file each (default: every registered method)")
     p.add_argument("--no_baseline", action="store_true", help="skip nnU-Net's own nnUNetPlans")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     p.add_argument("--clean", action="store_true", help="recompute the fingerprint even if it exists")
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, verify: bool = False,
-                                gpu_memory_target: float = 8.0, method: str = "diff_unet", baseline: bool = True,
+                                gpu_memory_target: float = 8.0, methods=None, baseline: bool = True,
                                 preprocess: bool = True, clean: bool = False) -> dict:
     """Runs the whole pipeline for one dataset; returns {plans identifier: plans dict}."""
     from batchgenerators.utilities.file_and_folder_operations import join
@@ -35,7 +37,13 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from diffnnunet.cli.checks import check_raw_dataset
+    from diffnnunet.methods import METHODS
     from diffnnunet.planners import DiffusionPlanner
+
+    methods = list(METHODS) if methods is None else ([methods] if isinstance(methods, str) else list(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown diffusion method(s) {unknown} (known: {', '.join(METHODS)})")
 
     raw = join(require_env("nnUNet_raw"), name)
     require_env("nnUNet_preprocessed")
@@ -48,7 +56,7 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
         extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=verify,
                                     clean=True, verbose=False)
     planners = ([ExperimentPlanner(name, gpu_memory_target)] if baseline else [])
-    planners.append(DiffusionPlanner(name, gpu_memory_target, method=method))
+    planners += [DiffusionPlanner(name, gpu_memory_target, method=m) for m in methods]
     plans = {}
     for planner in planners:
         plans[planner.plans_identifier] = planner.plan_experiment()
@@ -65,7 +73,8 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
                 manager.get_configuration(c).preprocessor_class(verbose=False).run(
                     dataset_id, c, identifier, num_processes=num_processes)
                 done.add(data_id)
-        preprocess_dataset(dataset_id, "DiffnnUNetPlans", configurations=(), num_processes=[num_processes])
+        # copies the ground truth segmentations (gt_segmentations) for the final validation
+        preprocess_dataset(dataset_id, next(iter(plans)), configurations=(), num_processes=[num_processes])
     return plans
 
 
@@ -91,7 +100,7 @@ def main(argv=None):
     for d in args.d:
         name = resolve_dataset_name(d)
         plans = plan_and_preprocess_dataset(name, args.c, num_processes, args.verify_dataset_integrity,
-                                            args.gpu_memory_target, args.method, not args.no_baseline,
+                                            args.gpu_memory_target, args.methods, not args.no_baseline,
                                             not args.no_pp, args.clean)
         print(f"\n{name}: plans\n{summarize(plans)}")
 

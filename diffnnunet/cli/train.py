@@ -13,8 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trainer", help="trainer name (DiffUNetTrainer, nnUNetTrainer, ...) or dotted path")
     p.add_argument("fold", help="fold 0-4, or 'all'")
     p.add_argument("-c", "--configuration", default=None, help="default: 3d_fullres for 3D data, 2d for 2D data")
-    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: DiffnnUNetPlans for diffusion "
-                                                       "trainers, nnUNetPlans for nnUNetTrainer)")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (default: the trainer's method's plans, "
+                                                       "e.g. DiffnnUNetPlans for DiffUNetTrainer; nnUNetPlans for "
+                                                       "nnUNetTrainer)")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
     p.add_argument("--iterations-per-epoch", type=int, default=None)

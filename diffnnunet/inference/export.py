@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import SimpleITK as sitk
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_pickle
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -32,6 +33,22 @@ def normalized_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarr
     return np.clip(h, 0, 1).astype(np.float32)
 
 
+def uncertainty_to_original_geometry(uncertainty, properties: dict, configuration_manager,
+                                     plans_manager) -> np.ndarray:
+    """A native uncertainty map ``(1, *preprocessed spatial)`` -> ``(*original spatial)``: the same resampling,
+    un-cropping (0 outside the crop) and transposition nnU-Net applies to probabilities."""
+    spacing_t = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    current = (configuration_manager.spacing if len(configuration_manager.spacing) == len(shape)
+               else [spacing_t[0], *configuration_manager.spacing])
+    resampled = configuration_manager.resampling_fn_probabilities(uncertainty, shape, current, spacing_t)
+    resampled = resampled.cpu().numpy() if hasattr(resampled, "cpu") else np.asarray(resampled)
+    full = np.zeros(properties["shape_before_cropping"], dtype=np.float32)
+    full = insert_crop_into_image(full, np.clip(resampled[0], 0, None).astype(np.float32),
+                                  properties["bbox_used_for_cropping"])
+    return full.transpose(plans_manager.transpose_backward)
+
+
 def write_float_image(array: np.ndarray, fname: str, properties: dict) -> None:
     """Write a float32 map ``(x, y[, z])`` with the geometry nnU-Net recorded when it read the case."""
     stuff = properties.get("sitk_stuff")
@@ -51,10 +68,16 @@ def write_float_image(array: np.ndarray, fname: str, properties: dict) -> None:
 def export_prediction_atomically(predicted_logits, properties: dict, configuration_manager, plans_manager,
                                  dataset_json, output_file_truncated: str, save_probabilities: bool = False,
                                  save_uncertainty: bool = False) -> None:
-    """Drop-in for nnU-Net's ``export_prediction_from_logits`` (same positional arguments)."""
+    """Drop-in for nnU-Net's ``export_prediction_from_logits`` (same positional arguments). A channel beyond the
+    label manager's heads is the method's native uncertainty (see DiffusionPredictor); without one the uncertainty
+    map is the normalized entropy of the exported probabilities."""
     if isinstance(dataset_json, str):
         dataset_json = load_json(dataset_json)
     label_manager = plans_manager.get_label_manager(dataset_json)
+    native = None
+    if predicted_logits.shape[0] > label_manager.num_segmentation_heads:
+        native = predicted_logits[label_manager.num_segmentation_heads:]
+        predicted_logits = predicted_logits[:label_manager.num_segmentation_heads]
     need_probs = save_probabilities or save_uncertainty
     ret = convert_predicted_logits_to_segmentation_with_correct_shape(
         predicted_logits, plans_manager, configuration_manager, label_manager, properties,
@@ -72,7 +95,8 @@ def export_prediction_atomically(predicted_logits, properties: dict, configurati
         if save_uncertainty:
             unc = output_file_truncated + UNCERTAINTY_SUFFIX + ending
             written.append(unc)
-            uncertainty = normalized_entropy(probabilities, label_manager.has_regions)
+            uncertainty = (normalized_entropy(probabilities, label_manager.has_regions) if native is None else
+                           uncertainty_to_original_geometry(native, properties, configuration_manager, plans_manager))
             write_float_image(uncertainty, partial_path(unc), properties)
         seg_file = output_file_truncated + ending
         written.append(seg_file)  # renamed last: the segmentation's presence marks a finished case

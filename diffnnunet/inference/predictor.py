@@ -23,15 +23,19 @@ from diffnnunet.utils import load_checkpoint_safely, swapped
 _EPS = 1e-6
 
 
-def probabilities_to_logits(probs: torch.Tensor, has_regions: bool) -> torch.Tensor:
-    """Fused per-channel probabilities ``(C, *spatial)`` -> logit(p) = log(p / (1 - p)).
+def probabilities_to_logits(probs: torch.Tensor, has_regions: bool, kind: str = "per_channel") -> torch.Tensor:
+    """Blended probabilities ``(C, *spatial)`` -> what nnU-Net's export turns back into probabilities.
 
-    Regions: nnU-Net's sigmoid gives p back. Mutually exclusive labels: nnU-Net's softmax gives
+    ``kind="categorical"`` (class probabilities summing to one, e.g. a softmax decoder), label datasets: log(p), so
+    nnU-Net's softmax returns p. Otherwise logit(p) = log(p / (1 - p)): for regions nnU-Net's sigmoid gives p back;
+    for per-channel (sigmoid) estimates of mutually exclusive labels nnU-Net's softmax gives
     P(class c) = odds_c / sum_k odds_k = p_c prod_{k!=c} (1 - p_k) / Z, the probability that channel c is the one
-    'on' channel when the channels are independent Bernoullis: the one-hot constraint applied to the denoiser's
-    per-channel (sigmoid) estimates. Its argmax is the argmax of p.
+    'on' channel when the channels are independent Bernoullis: the one-hot constraint applied to the per-channel
+    estimates. Either way the argmax is the argmax of p.
     """
     p = probs.float().clamp(_EPS, 1 - _EPS)
+    if kind == "categorical" and not has_regions:
+        return torch.log(p)
     return torch.log(p) - torch.log1p(-p)
 
 
@@ -100,31 +104,94 @@ class DiffusionPredictor(nnUNetPredictor):
         return int(self.samples_override or self.diffusion["samples_per_step"])
 
     # -- the per-window call -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """One window ``(1, C_in, *patch)`` -> fused class probabilities ``(1, C, *patch)``; with mirroring on, the
-        mean over the mirrored samplings."""
-        if self.diffusion is None:
-            return super()._internal_maybe_mirror_and_predict(x)
+    @property
+    def windows_per_forward(self) -> int:
+        """Windows sampled together: the plans' ``inference_batch`` (network inputs per forward that fit the memory
+        budget) divided by the samples run per forward; at least 1."""
+        budget = int(self.diffusion.get("inference_batch") or 2 * self.configuration_manager.batch_size)
+        chunk = min(self.samples_per_step, int(self.diffusion.get("samples_per_forward") or self.samples_per_step))
+        return max(1, budget // max(1, chunk))
+
+    def _sample_windows(self, x: torch.Tensor):
+        """Windows ``(K, C_in, *patch)`` -> (probabilities ``(K, C, *patch)``, uncertainty ``(K, 1, *patch)`` or
+        None); with mirroring on, both are means over the mirrored samplings."""
         sample = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
-                         generator=self.generator, chunk=self.diffusion.get("samples_per_forward"))
-        prediction = sample(x)
+                         generator=self.generator, chunk=self.diffusion.get("samples_per_forward"),
+                         return_uncertainty=True)
+        prediction, uncertainty = sample(x)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         if mirror_axes:
             axes = [m + 2 for m in mirror_axes]
             combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
             for c in combos:
-                prediction += torch.flip(sample(torch.flip(x, c)), c)
+                p, u = sample(torch.flip(x, c))
+                prediction += torch.flip(p, c)
+                if uncertainty is not None:
+                    uncertainty += torch.flip(u, c)
             prediction /= len(combos) + 1
-        return prediction
+            if uncertainty is not None:
+                uncertainty /= len(combos) + 1
+        return prediction, (uncertainty if self.save_uncertainty else None)
+
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows ``(K, C_in, *patch)`` -> fused class probabilities ``(K, C, *patch)``."""
+        if self.diffusion is None:
+            return super()._internal_maybe_mirror_and_predict(x)
+        return self._sample_windows(x)[0]
+
+    def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
+        """nnU-Net's Gaussian-weighted sliding window, ``windows_per_forward`` windows per sampler call. Returns
+        blended probabilities ``(C, *spatial)``, plus one last channel of blended native uncertainty when
+        ``save_uncertainty`` is on and the method has one."""
+        if self.diffusion is None:
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+        from tqdm import tqdm
+
+        results_device = self.device if do_on_device else torch.device("cpu")
+        data = data.to(results_device)
+        heads = self.label_manager.num_segmentation_heads
+        predicted = torch.zeros((heads, *data.shape[1:]), dtype=torch.half, device=results_device)
+        weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+        uncertainty = None
+        gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                     value_scaling_factor=10, device=results_device)
+                    if self.use_gaussian else torch.ones((), device=results_device))
+        k = self.windows_per_forward
+        with tqdm(total=len(slicers), disable=not self.allow_tqdm, desc="windows") as bar:
+            for first in range(0, len(slicers), k):
+                group = slicers[first:first + k]
+                windows = torch.stack([data[sl] for sl in group]).to(self.device, non_blocking=True)
+                probs, unc = self._sample_windows(windows)
+                probs = probs.to(results_device) * gaussian
+                for i, sl in enumerate(group):
+                    predicted[sl] += probs[i]
+                    weights[sl[1:]] += gaussian
+                if unc is not None:
+                    if uncertainty is None:
+                        uncertainty = torch.zeros((1, *data.shape[1:]), dtype=torch.half, device=results_device)
+                    unc = unc.to(results_device) * gaussian
+                    for i, sl in enumerate(group):
+                        uncertainty[(slice(None), *sl[1:])] += unc[i]
+                bar.update(len(group))
+        predicted = predicted if uncertainty is None else torch.cat([predicted, uncertainty])
+        torch.div(predicted, weights, out=predicted)
+        if torch.any(torch.isinf(predicted)):
+            raise RuntimeError("inf in the blended prediction (float16 overflow of the Gaussian weights)")
+        return predicted
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
-        """Gaussian-blended probabilities, returned in the logit space nnU-Net's export expects."""
+        """Gaussian-blended probabilities, returned in the logit space nnU-Net's export expects (see
+        :func:`probabilities_to_logits`); a native uncertainty channel, when present, stays last and unchanged."""
         out = super().predict_sliding_window_return_logits(input_image)
         if self.diffusion is None:
             return out
-        return probabilities_to_logits(out, self.label_manager.has_regions)
+        heads = self.label_manager.num_segmentation_heads
+        logits = probabilities_to_logits(out[:heads], self.label_manager.has_regions,
+                                         getattr(self.network, "probabilities", "per_channel"))
+        return torch.cat([logits, out[heads:].float()]) if out.shape[0] > heads else logits
 
     # -- file prediction with atomic export (+ uncertainty maps) --------------------------------------------------
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,

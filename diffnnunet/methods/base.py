@@ -49,17 +49,37 @@ class DiffusionMethod(nn.Module):
     """Interface of a method module: the whole model of one paper (networks + noise process) as one nn.Module,
     so nnU-Net checkpoints, ``build_network_architecture`` and the predictor handle it like any network.
 
-    ``training_loss(image (B, C_in, *sp), x0 (B, C, *sp) in {0,1}, mask) -> dict`` with key ``loss`` (summed,
-    differentiable) and one detached entry per term.
-    ``sample(image, steps, samples, generator) -> (B, C, *sp)`` per-channel foreground probabilities in [0, 1].
+    ``training_loss(image (B, M, *sp), x0 (B, N, *sp) in {0,1}, mask, generator) -> dict`` with key ``loss``
+    (summed, differentiable) and one detached entry per term.
+    ``sample(image, steps, samples, generator, chunk, return_uncertainty)`` -> probabilities ``(B, N, *sp)``, and
+    with ``return_uncertainty`` also an uncertainty map ``(B, 1, *sp)`` (larger = less certain) or None when the
+    method has no native one (the export then uses the normalized entropy of the probabilities).
     """
 
+    #: the plans identifier the planner writes for this method (one plans file per method)
+    plans_name = "DiffnnUNetPlans"
+    #: "per_channel": independent per-channel foreground probabilities (sigmoids); "categorical": class
+    #: probabilities summing to one over channels (softmax). The predictor converts accordingly.
+    probabilities = "per_channel"
     #: True when a trainer must call ``training_step`` itself (extra optimisers, e.g. an adversarial critic)
     custom_optimisation = False
 
-    def training_loss(self, image, x0, mask=None) -> dict:
+    @staticmethod
+    def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
+        """Feature-map elements of the whole method network for one sample (the planner's VRAM proxy)."""
+        raise NotImplementedError
+
+    @classmethod
+    def configure_plans(cls, settings: dict, plan: dict) -> dict:
+        """Hook for the planner: ``settings`` (a copy of the method's defaults plus ``samples_per_forward``) and the
+        configuration's ``plan`` (patch_size, spacing, batch_size, architecture) -> the diffusion section to store.
+        Methods whose settings depend on the configuration (e.g. a latent's downsampling) override this."""
+        return settings
+
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, image, steps: int, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, image, steps: int, samples: int, generator: torch.Generator | None = None,
+               chunk: int | None = None, return_uncertainty: bool = False):
         raise NotImplementedError

@@ -85,13 +85,14 @@ class DiffUNet(DiffusionMethod):
 
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 4, generator: torch.Generator | None = None,
-               return_steps: bool = False, chunk: int | None = None):
+               chunk: int | None = None, return_uncertainty: bool = False, return_steps: bool = False):
         """DDIM (eta from the plans, 0 = deterministic) over S independent chains and Step-Uncertainty Fusion
         Y = sum_i w_i p_bar_i / sum_i w_i (Eq. 4 and the weight formula; normalised so Y is a probability).
 
         The feature encoder runs once per call, shared by all steps and samples; chains run ``chunk`` at a time
         (the plans' ``samples_per_forward``, derived from the memory budget). ``image``: ``(B, M, *spatial)``.
-        Returns probabilities ``(B, N, *spatial)``; with ``return_steps`` also the per-step p_bar_i.
+        Returns probabilities ``(B, N, *spatial)``; with ``return_uncertainty`` also None (Diff-UNet has no native
+        map: the export uses the entropy of Y); with ``return_steps`` also the per-step p_bar_i.
         """
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
@@ -113,7 +114,9 @@ class DiffUNet(DiffusionMethod):
                 step_sums[i] = p_sum if step_sums[i] is None else step_sums[i] + p_sum
         per_step = [p / s for p in step_sums]
         out = self.fuse(per_step)
-        return (out, per_step) if return_steps else out
+        if return_steps:
+            return out, per_step
+        return (out, None) if return_uncertainty else out
 
     def fuse(self, per_step: list) -> torch.Tensor:
         """Combine the per-step mean predictions p_bar_i: ``step_uncertainty`` (SUF, the paper), ``mean`` (the

@@ -45,12 +45,12 @@ class DiffusionPlanner(ExperimentPlanner):
     embedding sums, separate image encoder) instead of the plain U-Net's."""
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DiffnnUNetPlans",
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
                  overwrite_target_spacing=None, suppress_transpose: bool = False, method: str = "diff_unet"):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
         if method not in METHODS:
             raise ValueError(f"unknown diffusion method '{method}' (known: {', '.join(sorted(METHODS))})")
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
+                         plans_name or METHODS[method].plans_name, overwrite_target_spacing, suppress_transpose)
         self.method = method
         self.UNet_class = TimeUNet
 
@@ -69,11 +69,14 @@ class DiffusionPlanner(ExperimentPlanner):
 
     def diffusion_settings(self, plan: dict) -> dict:
         """The configuration's diffusion section: the paper's defaults plus what depends on this configuration:
-        how many sampling chains run in one forward pass (``samples_per_forward``) within the memory budget."""
+        how many network inputs fit one inference forward pass (``inference_batch``: windows x samples) and how many
+        sampling chains of one window run together (``samples_per_forward``) within the memory budget, and
+        whatever the method's ``configure_plans`` hook derives from the configuration."""
         settings = deepcopy(DEFAULT_DIFFUSION[self.method])
+        settings["inference_batch"] = int(plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)
         settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"],
                                                          plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)))
-        return settings
+        return METHODS[self.method].configure_plans(settings, deepcopy(plan))
 
     def generate_data_identifier(self, configuration_name: str) -> str:
         """2d and 3d_fullres use nnU-Net's spacing unchanged, so they reuse nnUNetPlans' preprocessed data."""

@@ -36,7 +36,12 @@ def is_diffusion_trainer(cls) -> bool:
 
 
 def default_plans_for(cls) -> str:
-    return "DiffnnUNetPlans" if is_diffusion_trainer(cls) else "nnUNetPlans"
+    """The plans a trainer trains on by default: its method's plans file (``METHODS[m].plans_name``), nnU-Net's
+    ``nnUNetPlans`` for stock trainers, ``DiffnnUNetPlans`` for the generic DiffusionTrainer."""
+    from diffnnunet.methods import METHODS
+    if not is_diffusion_trainer(cls):
+        return "nnUNetPlans"
+    return METHODS[cls.method_name].plans_name if cls.method_name else "DiffnnUNetPlans"
 
 
 __all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "LDSegTrainer", "default_plans_for"]

@@ -25,7 +25,7 @@ def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
     section = configuration_manager.configuration.get("diffusion")
     if section is None:
         raise RuntimeError(f"plans '{plans_name}' have no 'diffusion' section in this configuration: "
-                           "plan the dataset with diffnnunet_plan_and_preprocess (plans DiffnnUNetPlans)")
+                           "plan the dataset with diffnnunet_plan_and_preprocess (one plans file per method)")
     return section
 
 
@@ -40,7 +40,8 @@ class DiffusionTrainer(nnUNetTrainer):
         self.diffusion = diffusion_section(self.configuration_manager, self.plans_manager.plans_name)
         if self.method_name is not None and self.diffusion["method"] != self.method_name:
             raise RuntimeError(f"{self.__class__.__name__} trains '{self.method_name}' but the plans' diffusion "
-                               f"section says '{self.diffusion['method']}'")
+                               f"section says '{self.diffusion['method']}' (use plans "
+                               f"{METHODS[self.method_name].plans_name})")
         optim = self.diffusion.get("optimizer", {})
         self.initial_lr = optim.get("initial_lr", 1e-4)
         self.weight_decay = optim.get("weight_decay", 1e-5)
