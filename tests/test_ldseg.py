@@ -223,3 +223,83 @@ def test_sampler_seeded_regression():
 
 
 REGRESSION = [0.3889, 0.3578, 0.0704]
+
+
+# -- CLIs end to end -------------------------------------------------------------------------------------------------
+IDS = {2: 841, 3: 842}
+NAMES = {2: "Dataset841_Synthetic2D", 3: "Dataset842_Synthetic3D"}
+CONFIG = {2: "2d", 3: "3d_fullres"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import json
+    import os
+
+    from diffnnunet.cli import plan_and_preprocess
+    from diffnnunet.datasets.synthetic import make_dataset
+    root = tmp_path_factory.mktemp("nnunet_ldseg")
+    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    old = {k: os.environ.get(k) for k in paths}
+    os.environ.update(paths)
+    for d in (2, 3):
+        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
+    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
+                              "-methods", "ldseg"])
+    for d in (2, 3):  # a cheap validation sampling keeps the final validation fast on CPU
+        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "LDSegPlans.json")
+        plans = json.load(open(plans_file))
+        for cfg in plans["configurations"].values():
+            if "diffusion" in cfg:
+                cfg["diffusion"].update(samples_per_step=2)
+        json.dump(plans, open(plans_file, "w"))
+    yield paths
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_cli_plan_train_predict(env, dim, tmp_path):
+    import json
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from diffnnunet.cli import predict, train
+    plans = json.load(open(os.path.join(env["nnUNet_preprocessed"], NAMES[dim], "LDSegPlans.json")))
+    cfg = plans["configurations"][CONFIG[dim]]
+    section = cfg["diffusion"]
+    assert section["method"] == "ldseg" and section["sampling_steps"] == 2
+    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"])[0]
+    factor = total_stride(section["latent_strides"])
+    assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))
+    train.main([str(IDS[dim]), "LDSegTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
+                "--val-iterations", "1"])
+    fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"LDSegTrainer__LDSegPlans__{CONFIG[dim]}", "fold_0")
+    for f in ("checkpoint_final.pth", "validation/summary.json"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    out = str(tmp_path / "pred")
+    images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
+    predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "LDSegTrainer", "-f", "0", "-device", "cpu",
+                  "--save_uncertainty", "--save_probabilities", "--samples", "3"])
+    for case in sorted({f[:-12] for f in os.listdir(images)}):
+        src = sitk.ReadImage(os.path.join(images, case + "_0000.nii.gz"))
+        for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
+            img = sitk.ReadImage(path)
+            assert img.GetSize() == src.GetSize()
+            for a, b in ((img.GetSpacing(), src.GetSpacing()), (img.GetOrigin(), src.GetOrigin()),
+                         (img.GetDirection(), src.GetDirection())):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2}
+        unc = sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz"))
+        arr = sitk.GetArrayFromImage(unc)
+        assert unc.GetPixelID() == sitk.sitkFloat32 and arr.min() >= 0 and arr.max() <= 0.5 + 1e-3  # a std of p
+        assert arr.max() > 0  # three chains of an untrained model disagree somewhere
+        probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
+        assert probs.shape[0] == 3
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
