@@ -244,8 +244,9 @@ def env(tmp_path_factory):
     os.environ.update(paths)
     for d in (2, 3):
         make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
-                              "-methods", "ldseg"])
+    for d in (2, 3):  # LDSegPlans alone (its 2d/3d_fullres data identifiers are nnU-Net's), one configuration
+        plan_and_preprocess.main(["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "ldseg",
+                                  "--no_baseline"])
     for d in (2, 3):  # a cheap validation sampling keeps the final validation fast on CPU
         plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "LDSegPlans.json")
         plans = json.load(open(plans_file))
