@@ -210,7 +210,7 @@ class LDSeg(DiffusionMethod):
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
         z_i = self.encode_image(image)
-        noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=z_i.dtype)
+        noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=torch.float32)
         timesteps = self.process.set_timesteps(steps)
         p_sum = p_sq = None
         for start in range(0, s, chunk):
