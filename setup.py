@@ -26,6 +26,7 @@ setup(
         "diffnnunet_train=diffnnunet.cli.train:main",
         "diffnnunet_predict=diffnnunet.cli.predict:main",
         "diffnnunet_evaluate=diffnnunet.cli.evaluate:main",
+        "diffnnunet_tune_sampling=diffnnunet.cli.tune_sampling:main",
         "diffnnunet_demo=diffnnunet.demo:main",
     ]},
 )

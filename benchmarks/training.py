@@ -1,5 +1,5 @@
-"""Seconds per training iteration and per inference patch: DiffUNetTrainer (DiffnnUNetPlans) vs nnUNetTrainer
-(nnUNetPlans) on the same preprocessed data, on the same device, in the same run.
+"""Seconds per training iteration and per inference patch: every diffusion trainer vs nnUNetTrainer on the same
+preprocessed data and, by default, the same plans (patch, batch size, topology), on the same device, in one run.
 
 Per dimension (--dim 2 and/or 3) a synthetic dataset is generated with ``make_dataset``, planned and preprocessed
 in-process (``plan_and_preprocess_dataset``: nnU-Net's fingerprint, both planners, nnU-Net's preprocessing, shared
@@ -12,7 +12,7 @@ starts, so the augmentation workers do not compete with the timed compute on sma
 with the workers running (the wait for each batch is reported separately either way).
 
 Inference, without sliding window or mirroring: one patch (batch 1 by default) through
-``DiffUNet.sample(x, steps, samples, chunk=plans' samples_per_forward)`` vs the nnU-Net network's single forward
+``method.sample(x, steps, samples, chunk=plans' samples_per_forward)`` vs the nnU-Net network's single forward
 (deep supervision off), under ``torch.no_grad`` and the trainers' autocast (CUDA only).
 
 Patch and batch sizes come from each trainer's plans by default, i.e. whatever the planners give for the tiny
@@ -34,8 +34,6 @@ import sys
 import tempfile
 import time
 
-TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer")
-PLANS = {"nnUNetTrainer": "nnUNetPlans", "DiffUNetTrainer": "DiffnnUNetPlans"}
 CONFIG = {2: "2d", 3: "3d_fullres"}
 IDS = {2: 962, 3: 963}
 
@@ -50,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
     p.add_argument("--infer-repeats", type=int, default=3, help="timed inference repeats, after 1 warm-up (default 3)")
     p.add_argument("--infer-batch", type=int, default=1, help="patches per inference call (default 1)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps for DiffUNet sampling (default 10)")
-    p.add_argument("--samples", type=int, default=4, help="samples per step for DiffUNet sampling (default 4)")
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help="diffusion trainers to compare with nnUNetTrainer (default: every registered one)")
+    p.add_argument("--own-plans", action="store_true",
+                   help="nnUNetTrainer on its own nnUNetPlans (default: on the diffusion trainer's plans, i.e. the "
+                        "same patch, batch size and topology with nnU-Net's PlainConvUNet)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: each plans' sampling_steps)")
+    p.add_argument("--samples", type=int, default=None, help="samples (default: each plans' samples_per_step)")
+    p.add_argument("--no-infer", action="store_true", help="skip the one-patch inference timing")
     p.add_argument("--num-train", type=int, default=6, help="synthetic training cases (default 6)")
     p.add_argument("--shape", type=int, nargs="+", default=None,
                    help="synthetic case shape in voxels, numpy order (z y x for 3D, y x for 2D); default: "
@@ -130,11 +134,35 @@ def prepare_dataset(dim: int, args) -> str:
     return name
 
 
+def make_baseline_plans(pre: str, diffusion_plans: str, configuration: str) -> str:
+    """nnUNetPlans with the diffusion plans' patch, batch size and topology (still PlainConvUNet and nnU-Net's
+    preprocessed data): nnUNetTrainer 'on the same plans'. Returns the new plans identifier."""
+    with open(os.path.join(pre, "nnUNetPlans.json")) as f:
+        base = json.load(f)
+    with open(os.path.join(pre, diffusion_plans + ".json")) as f:
+        diff = json.load(f)
+    name = f"nnUNetPlans_as_{diffusion_plans}"
+    src, dst = diff["configurations"][configuration], base["configurations"][configuration]
+    for key in ("patch_size", "batch_size"):
+        dst[key] = src[key]
+    dst["architecture"]["arch_kwargs"] = src["architecture"]["arch_kwargs"]
+    base["plans_name"] = name
+    with open(os.path.join(pre, name + ".json"), "w") as f:
+        json.dump(base, f, indent=2)
+    return name
+
+
+def diffusion_trainers(names=None) -> list:
+    from diffnnunet.trainers import TRAINERS, is_diffusion_trainer
+    return names or [n for n, c in TRAINERS.items() if is_diffusion_trainer(c) and c.method_name]
+
+
 def override_plans(name: str, configuration: str, patch, batch_size):
     import numpy as np
     pre = os.path.join(os.environ["nnUNet_preprocessed"], name)
-    for plans_name in PLANS.values():
-        path = os.path.join(pre, plans_name + ".json")
+    for plans_file in sorted(f for f in os.listdir(pre) if f.endswith("Plans.json")):
+        plans_name = plans_file[:-5]
+        path = os.path.join(pre, plans_file)
         with open(path) as f:
             plans = json.load(f)
         cfg = plans["configurations"][configuration]
@@ -156,16 +184,16 @@ def median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def start_trainer(name: str, dim: int, trainer_name: str, device, args) -> dict:
+def start_trainer(name: str, dim: int, trainer_name: str, plans: str, device, args) -> dict:
     """load_trainer + on_train_start; without --live-data all batches are fetched now and the workers stopped."""
     from diffnnunet.cli.train import load_trainer
 
     with quiet(not args.verbose):
-        trainer = load_trainer(name, trainer_name, 0, CONFIG[dim], device=device)
+        trainer = load_trainer(name, trainer_name, 0, CONFIG[dim], plans_identifier=plans, device=device)
         trainer.on_train_start()
     trainer.network.train()
-    state = {"name": trainer_name, "trainer": trainer, "batches": [], "wait": [], "step": [], "infer": [],
-             "step_mem": 0.0}
+    state = {"name": trainer_name, "plans": plans, "trainer": trainer, "batches": [], "wait": [], "step": [],
+             "infer": [], "step_mem": 0.0}
     if not args.live_data:
         for _ in range(args.warmup + args.iterations):
             t0 = time.perf_counter()
@@ -203,29 +231,37 @@ def timed_step(state: dict, i: int, device, args):
 def make_inference(state: dict, x, args):
     trainer = state["trainer"]
     trainer.network.eval()
-    if state["name"] == "DiffUNetTrainer":
-        chunk = trainer.diffusion.get("samples_per_forward")
-        state["work"] = f"sample {args.steps}x{args.samples} (chunk {min(chunk or args.samples, args.samples)})"
-        return lambda: trainer.method.sample(x, args.steps, args.samples, chunk=chunk)
+    if state["name"] != "nnUNetTrainer":
+        d = trainer.diffusion
+        steps, samples = args.steps or d["sampling_steps"], args.samples or d["samples_per_step"]
+        chunk = d.get("samples_per_forward")
+        state["work"] = f"sample {steps}x{samples} (chunk {min(chunk or samples, samples)})"
+        return lambda: trainer.method.sample(x, steps, samples, chunk=chunk)
     trainer.set_deep_supervision_enabled(False)
     state["work"] = "1 forward"
     return lambda: trainer.network(x)
 
 
-def bench_pair(name: str, dim: int, device, args) -> list:
-    """Both trainers on the same data, interleaved step by step (ABBA order), so that a change in machine load
-    hits both alike; then the same for inference."""
+def bench_pair(name: str, dim: int, diffusion_trainer: str, device, args) -> list:
+    """nnUNetTrainer and one diffusion trainer on the same data (by default on the same plans), interleaved step by
+    step (ABBA order), so that a change in machine load hits both alike; then the same for inference."""
     import torch
 
+    from diffnnunet.trainers import TRAINERS, default_plans_for
+    plans = default_plans_for(TRAINERS[diffusion_trainer])
+    pre = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    base_plans = "nnUNetPlans" if args.own_plans else make_baseline_plans(pre, plans, CONFIG[dim])
     states = []
     try:
-        for trainer_name in TRAINERS:
-            states.append(start_trainer(name, dim, trainer_name, device, args))
+        for trainer_name, p in (("nnUNetTrainer", base_plans), (diffusion_trainer, plans)):
+            states.append(start_trainer(name, dim, trainer_name, p, device, args))
         for i in range(args.warmup + args.iterations):
             for st in (states if i % 2 == 0 else states[::-1]):
                 timed_step(st, i, device, args)
         for st in states:
             shutdown_dataloaders(st["trainer"])
+        if args.no_infer:
+            return [result_row(st, dim) for st in states]
         common = states[0]["last_batch"]["data"][:args.infer_batch]  # nnU-Net's patch, shared when shapes match
         fns = []
         for st in states:
@@ -245,22 +281,37 @@ def bench_pair(name: str, dim: int, device, args) -> list:
                     sync(device)
                     if r > 0:
                         st["infer"].append(time.perf_counter() - t0)
-        results = []
-        for st in states:
-            tr = st["trainer"]
-            results.append({"trainer": st["name"], "config": CONFIG[dim],
-                            "patch": list(tr.configuration_manager.patch_size), "batch": int(tr.batch_size),
-                            "params": sum(p.numel() for p in tr.network.parameters()),
-                            "step": median(st["step"]), "step_min": min(st["step"]), "wait": median(st["wait"]),
-                            "step_mem": st["step_mem"], "infer": median(st["infer"]),
-                            "infer_shape": st["infer_shape"], "same_input": st["same_input"], "work": st["work"]})
-        return results
+        return [result_row(st, dim) for st in states]
     finally:
         for st in states:
             shutdown_dataloaders(st["trainer"])
         states.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def result_row(st: dict, dim: int) -> dict:
+    tr = st["trainer"]
+    return {"trainer": st["name"], "plans": st["plans"], "config": CONFIG[dim],
+            "patch": list(tr.configuration_manager.patch_size), "batch": int(tr.batch_size),
+            "params": sum(p.numel() for p in tr.network.parameters()),
+            "step": median(st["step"]), "step_min": min(st["step"]), "wait": median(st["wait"]),
+            "step_mem": st["step_mem"], "infer": median(st["infer"]), "infer_shape": st.get("infer_shape"),
+            "same_input": st.get("same_input"), "work": st.get("work")}
+
+
+def train_ratios(name: str, trainers, device: str = "cpu", threads=None, iterations: int = 6, dim: int = 3) -> dict:
+    """For benchmarks/inference.py: s/iteration of each diffusion trainer and of nnUNetTrainer on the same plans,
+    on an already planned and preprocessed dataset. Returns {trainer: {"diff", "base", "ratio"}}."""
+    import torch
+    args = build_parser().parse_args(["-n", str(iterations), "-w", "2", "--no-infer"])
+    if threads:
+        torch.set_num_threads(threads)
+    out = {}
+    for trainer in trainers:
+        base, diff = bench_pair(name, dim, trainer, torch.device(device), args)
+        out[trainer] = {"diff": diff["step"], "base": base["step"], "ratio": diff["step"] / base["step"]}
+    return out
 
 
 def fmt_s(v):
@@ -299,7 +350,8 @@ def main(argv=None):
 
     results = []
     try:
-        print(f"Training/inference speed: DiffUNetTrainer (DiffnnUNetPlans) vs nnUNetTrainer (nnUNetPlans), "
+        print(f"Training/inference speed: {', '.join(diffusion_trainers(args.trainers))} vs nnUNetTrainer "
+              f"({'nnUNetPlans' if args.own_plans else 'on each diffusion plans: same patch, batch, topology'}), "
               f"same run, same device: {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
               f"nnUNet_n_proc_DA={os.environ['nnUNet_n_proc_DA']}, torch.compile "
               f"{'as nnU-Net decides' if args.compile else 'off'}")
@@ -315,15 +367,16 @@ def main(argv=None):
         print(f"Training: median of {args.iterations} train_step calls after {args.warmup} warm-up, the two trainers "
               f"interleaved step by step ({data_mode}; fetch not timed).")
         print(f"Inference: median of {args.infer_repeats} after 1 warm-up, {args.infer_batch} patch(es), no sliding "
-              f"window/mirroring; DiffUNet sample(steps={args.steps}, samples={args.samples}).")
+              f"window/mirroring; sample(steps={args.steps or 'plans'}, samples={args.samples or 'plans'}).")
         for dim in args.dim:
             start = time.perf_counter()
             name = prepare_dataset(dim, args)
             print(f"[{dim}D] planned and preprocessed {name} in {time.perf_counter() - start:.1f} s", flush=True)
-            pair = bench_pair(name, dim, device, args)
-            results += pair
-            print(f"[{dim}D] " + ", ".join(f"{r['trainer']}: {fmt_s(r['step'])} s/iter, {fmt_s(r['infer'])} s/patch"
-                                         for r in pair), flush=True)
+            for trainer in diffusion_trainers(args.trainers):
+                pair = bench_pair(name, dim, trainer, device, args)
+                results.append(pair)
+                print(f"[{dim}D] " + ", ".join(f"{r['trainer']} ({r['plans']}): {fmt_s(r['step'])} s/iter"
+                                             for r in pair), flush=True)
     finally:
         if args.keep:
             print(f"nnU-Net folders kept in {root}")
@@ -332,21 +385,24 @@ def main(argv=None):
 
     print()
     train_rows, infer_rows = [], []
-    for dim in args.dim:
-        base = next(r for r in results if r["config"] == CONFIG[dim] and r["trainer"] == "nnUNetTrainer")
-        for r in (r for r in results if r["config"] == CONFIG[dim]):
-            is_diff = r["trainer"] != "nnUNetTrainer"
-            train_rows.append([r["trainer"], r["config"], "x".join(map(str, r["patch"])), r["batch"],
+    for base, diff in results:
+        for r in (base, diff):
+            is_diff = r is diff
+            train_rows.append([r["trainer"], r["plans"], r["config"], "x".join(map(str, r["patch"])), r["batch"],
                                f"{r['params'] / 1e6:.2f}M", fmt_s(r["step"]), fmt_s(r["step_min"]),
                                fmt_s(r["wait"]),
                                *([f"{r['step_mem']:.2f}"] if device.type == "cuda" else []),
                                f"{r['step'] / base['step']:.2f}" if is_diff else ""])
+            if args.no_infer:
+                continue
             infer_rows.append([r["trainer"], r["config"], "x".join(map(str, r["infer_shape"][2:])),
                                r["infer_shape"][0], r["work"], "yes" if r["same_input"] else "no", fmt_s(r["infer"]),
                                f"{r['infer'] / base['infer']:.1f}" if is_diff else ""])
     print("Training (s per train_step)")
-    print_table(["trainer", "config", "patch", "batch", "params", "s/iter median", "s/iter min",
+    print_table(["trainer", "plans", "config", "patch", "batch", "params", "s/iter median", "s/iter min",
                  "data wait median", *(["step peak GiB"] if device.type == "cuda" else []), "Diff/nnU-Net"], train_rows)
+    if args.no_infer:
+        return 0
     print()
     print("Inference (one patch, no sliding window, no mirroring)")
     print_table(["trainer", "config", "patch", "n", "work", "same input", "s/patch median", "Diff/nnU-Net"],

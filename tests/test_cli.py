@@ -26,7 +26,8 @@ def env(tmp_path_factory):
     os.environ.update(paths)
     for d in (2, 3):
         make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2"])
+    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
+                              "-methods", "diff_unet"])
     for d in (2, 3):  # fewer sampling steps keep the final validation and prediction fast on CPU
         plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "DiffnnUNetPlans.json")
         plans = json.load(open(plans_file))
@@ -176,3 +177,37 @@ def test_console_script_exit_code(env):
     r = subprocess.run([exe, "999", "DiffUNetTrainer", "0"], capture_output=True, text=True, env=os.environ)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("diffnnunet_train: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
+    from diffnnunet.cli import tune_sampling
+    from diffnnunet.inference import DiffusionPredictor
+    folder = os.path.join(env["nnUNet_results"], NAMES[2], "DiffUNetTrainer__DiffnnUNetPlans__2d")
+    if not os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth")):
+        _train(2)
+    tune_sampling.main(["-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "0", "--steps", "1", "3",
+                        "--samples", "1", "2", "--max_cases", "1", "--tolerance", "0.5", "-device", "cpu"])
+    assert "<- chosen" in capsys.readouterr().out
+    tuned = json.load(open(os.path.join(folder, "sampling.json")))
+    grid = {(r["steps"], r["samples"]): r["dice"] for r in tuned["grid"]}
+    assert set(grid) == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    best = max(grid.values())
+    chosen = (tuned["sampling_steps"], tuned["samples_per_step"])
+    assert grid[chosen] >= best - 0.005  # within half a Dice point of the best ...
+    cheaper = [g for g, d in grid.items() if g[0] * g[1] < chosen[0] * chosen[1]]
+    assert all(grid[g] < best - 0.005 for g in cheaper)  # ... and nothing cheaper is
+    predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, [0])
+    assert (predictor.sampling_steps, predictor.samples_per_step) == chosen
+    predictor = DiffusionPredictor(device=torch_cpu(), steps=5, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, [0])
+    assert predictor.sampling_steps == 5  # the command line wins
+    if not os.path.isdir(os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d", "fold_0")):
+        _train(2, "nnUNetTrainer")
+    err = _fail(tune_sampling.main, ["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu"], capsys)
+    assert "not a diffusion model" in err
+
+
+def torch_cpu():
+    import torch
+    return torch.device("cpu")

@@ -28,3 +28,72 @@ def test_normalized_entropy_range_and_extremes():
     half = np.full((2, 4, 4), 0.5, np.float32)
     np.testing.assert_allclose(normalized_entropy(half, True), 1, rtol=1e-5)
     assert normalized_entropy(certain, True).dtype == np.float32
+
+
+class _Deterministic(torch.nn.Module):
+    """A stand-in method whose 'sampler' is a fixed function of the window, so sliding windows can be compared."""
+    probabilities = "per_channel"
+
+    def __init__(self, dim):
+        super().__init__()
+        conv = torch.nn.Conv2d if dim == 2 else torch.nn.Conv3d
+        self.conv = conv(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+    def sample(self, x, steps, samples, generator=None, chunk=None, return_uncertainty=False):
+        p = self(x)
+        return (p, p[:, :1] * 0.5) if return_uncertainty else p
+
+
+def _predictors(dim):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from diffnnunet.inference import DiffusionPredictor
+    patch = (12, 10) if dim == 2 else (4, 12, 10)
+    lm = type("LM", (), {"num_segmentation_heads": 3, "has_regions": False})()
+    cm = type("CM", (), {"patch_size": patch, "batch_size": 2})()
+    net = _Deterministic(dim).eval()
+    out = []
+    for cls in (nnUNetPredictor, DiffusionPredictor):
+        p = cls(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False,
+                perform_everything_on_device=False)
+        p.network, p.label_manager, p.configuration_manager = net, lm, cm
+        if cls is DiffusionPredictor:
+            p.diffusion = {"sampling_steps": 1, "samples_per_step": 1, "samples_per_forward": 1}
+        out.append(p)
+    return out
+
+
+def test_batched_windows_blend_like_nnunet(dim):
+    """Several windows per sampler call (and the extra uncertainty channel) change nothing in the blending:
+    with a deterministic per-window function the diffusion predictor reproduces nnU-Net's sliding window."""
+    stock, ours = _predictors(dim)
+    data = torch.randn(2, *((2, 30, 23) if dim == 2 else (9, 30, 23)))  # 2D: nnU-Net slides over (z, y, x)
+    slicers = stock._internal_get_sliding_window_slicers(data.shape[1:])
+    assert len(slicers) > 4
+    # float16 buffers (nnU-Net's) quantize where the Gaussian weights are tiny, differently for p and p/2: compare
+    # the uncertainty channel with flat weights
+    stock.use_gaussian = ours.use_gaussian = False
+    with torch.inference_mode():
+        ref = stock._internal_predict_sliding_window_return_logits(data, slicers, False).float()
+        for k in (1, 4):
+            ours.diffusion["inference_batch"] = k
+            assert ours.windows_per_forward == k
+            ours.save_uncertainty = True
+            got = ours._internal_predict_sliding_window_return_logits(data, slicers, False).float()
+            assert got.shape == (4, *data.shape[1:])
+            torch.testing.assert_close(got[:3], ref, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(got[3:], ref[:1] * 0.5, atol=2e-3, rtol=2e-3)
+            ours.save_uncertainty = False
+            assert ours._internal_predict_sliding_window_return_logits(data, slicers, False).shape[0] == 3
+        stock.use_gaussian = ours.use_gaussian = True
+        ref = stock._internal_predict_sliding_window_return_logits(data, slicers, False).float()
+        got = ours._internal_predict_sliding_window_return_logits(data, slicers, False).float()
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_categorical_probabilities_go_through_log():
+    p = torch.tensor([0.7, 0.2, 0.1]).reshape(3, 1)
+    torch.testing.assert_close(torch.softmax(probabilities_to_logits(p, False, "categorical"), 0), p)

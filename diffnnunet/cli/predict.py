@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default=None, help="plans identifier (default depends on the trainer)")
     p.add_argument("-f", nargs="+", default=None, help="folds (default: every trained fold)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
-    p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model folder's tuned sampling.json, else the plans')")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per step (default: the model folder's tuned sampling.json, else the plans')")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plans')")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--mirror", action="store_true",
@@ -27,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring for nnUNetTrainer models")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's .npz/.pkl")
-    p.add_argument("--save_uncertainty", action="store_true", help="also write CASE_uncertainty (float32, [0,1])")
+    p.add_argument("--save_uncertainty", action="store_true",
+                   help="also write CASE_uncertainty (float32, larger = less certain: the method's own map, else "
+                        "the normalized entropy)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=2, help="export processes")
@@ -95,7 +99,9 @@ def main(argv=None):
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror
-        print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples, "
+        source = "tuned, sampling.json" if predictor.tuned_sampling else "plans"
+        print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples "
+              f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
     os.makedirs(args.o, exist_ok=True)
     predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from checkpoint_latest (or best/final)")
     p.add_argument("--val", dest="only_val", action="store_true", help="only run the final validation")
     p.add_argument("--npz", action="store_true", help="save validation probabilities")
+    p.add_argument("--tune-sampling", action="store_true",
+                   help="after the final validation, pick the sampling budget on this fold's validation cases "
+                        "(diffnnunet_tune_sampling; stored in the model folder, used by diffnnunet_predict)")
     return p
 
 
@@ -116,6 +119,13 @@ def main(argv=None):
     # every trainer's final validation (the nnU-Net baseline too) reports HD95 and NSD beside Dice and IoU
     with swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
         trainer.perform_actual_validation(args.npz)
+    if args.tune_sampling:
+        from diffnnunet.cli.tune_sampling import run_tuning
+        from diffnnunet.trainers import is_diffusion_trainer
+        if not is_diffusion_trainer(type(trainer)):
+            raise UserError(f"--tune-sampling: {args.trainer} is not a diffusion trainer")
+        run_tuning(args.dataset, args.trainer, trainer.configuration_name, trainer.plans_manager.plans_name,
+                   [str(args.fold)], device=device)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,19 @@ def probabilities_to_logits(probs: torch.Tensor, has_regions: bool, kind: str = 
 
 
 class DiffusionPredictor(nnUNetPredictor):
-    """``steps``/``samples`` override the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a
-    prediction reproducible (one generator, advanced window by window)."""
+    """``steps``/``samples`` override the sampling budget, which is otherwise the model folder's tuned one
+    (``sampling.json``, see :mod:`diffnnunet.inference.tuning`; ignored with ``use_tuned_sampling=False``) or else
+    the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a prediction reproducible (one generator,
+    advanced window by window)."""
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
-                 save_uncertainty: bool = False, **kwargs):
+                 save_uncertainty: bool = False, use_tuned_sampling: bool = True, **kwargs):
         kwargs.setdefault("allow_tqdm", True)
         super().__init__(*args, **kwargs)
         self.steps_override, self.samples_override, self.seed = steps, samples, seed
         self.save_uncertainty = save_uncertainty
+        self.use_tuned_sampling = use_tuned_sampling
+        self.tuned_sampling = None
         self.diffusion = None
         self.generator = None
 
@@ -84,6 +88,11 @@ class DiffusionPredictor(nnUNetPredictor):
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
+        if self.diffusion is not None and self.use_tuned_sampling:
+            from diffnnunet.inference.tuning import load_tuned_sampling
+            self.tuned_sampling = load_tuned_sampling(model_training_output_dir)
+            if self.tuned_sampling:
+                self.diffusion.update(self.tuned_sampling)
 
     def _configure_sampling(self):
         from diffnnunet.planners import DEFAULT_DIFFUSION

@@ -79,6 +79,11 @@ class DiffusionMethod(nn.Module):
     def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
+    def benchmark_forward(self, image: torch.Tensor):
+        """A zero-argument callable running ONE network evaluation of the sampler (one sample, one step, the
+        conditioning precomputed) on ``image`` ``(1, M, *patch)``: the unit benchmarks/inference.py counts."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def sample(self, image, steps: int, samples: int, generator: torch.Generator | None = None,
                chunk: int | None = None, return_uncertainty: bool = False):

@@ -83,6 +83,12 @@ class DiffUNet(DiffusionMethod):
         loss = w["dice"] * dice + w["bce"] * bce + w["mse"] * mse
         return {"loss": loss, "dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
 
+    def benchmark_forward(self, image: torch.Tensor):
+        features = self.feature_encoder(image)
+        x = torch.randn((image.shape[0], self.num_classes, *image.shape[2:]), device=image.device, dtype=image.dtype)
+        t = torch.full((image.shape[0],), self.process.timesteps - 1, device=image.device, dtype=torch.long)
+        return lambda: self(image, x, t, features)
+
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 4, generator: torch.Generator | None = None,
                chunk: int | None = None, return_uncertainty: bool = False, return_steps: bool = False):

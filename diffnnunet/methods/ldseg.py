@@ -162,6 +162,15 @@ class LDSeg(DiffusionMethod):
         z = self._ddim(torch.zeros_like(z_i), z_i, self.process.set_timesteps(steps or self.default_steps), None)
         return self.decode(z)
 
+    def benchmark_forward(self, image: torch.Tensor):
+        """One sampler unit on ``image`` ``(1, M, *patch)`` with z_i precomputed: one denoiser step on the latent
+        plus one full-resolution decoder pass. A sample costs ``steps`` denoiser passes and ONE decoder pass, so
+        ``steps x samples`` units over-count the decoder (the dominant cost) by a factor of ``steps``."""
+        z_i = self.encode_image(image)
+        z = torch.randn(z_i.shape, device=image.device, dtype=z_i.dtype)
+        t = torch.full((image.shape[0],), self.process.timesteps - 1, device=image.device, dtype=torch.long)
+        return lambda: self.decode(self.predict_noise(z, z_i, t))
+
     def _check_targets(self, x0: torch.Tensor):
         """Once: LDSeg's softmax decoder needs mutually exclusive labels (one-hot, sums to 1), not regions."""
         if not self._targets_checked:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from copy import deepcopy
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from diffnnunet.methods import METHODS
 from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
@@ -16,6 +17,16 @@ DEFAULT_DIFFUSION = {
         "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "eta": 0.0,
         "sampling_steps": 10, "samples_per_step": 4, "fusion": "step_uncertainty",
         "loss_weights": {"dice": 1.0, "bce": 1.0, "mse": 1.0},
+        "validation_sampling_steps": 2, "validation_samples": 1,
+        "optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+        "seed": 12345,
+    },
+    # BerDiff: T=1000, linear 1e-4..0.02, flip-noise estimate, KL + 1 x BCE, AdamW 1e-4 (BRATS), DDIM sub-sequence.
+    # 10 steps x 8 samples: 80 forwards per window (2x Diff-UNet's default); the paper's 16 (for GED) doubles it.
+    "berdiff": {
+        "method": "berdiff", "process": "bernoulli", "multiclass": "auto", "timesteps": 1000,
+        "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "sampler": "ddim", "eta": 0.0,
+        "sampling_steps": 10, "samples_per_step": 8, "bce_weight": 1.0,
         "validation_sampling_steps": 2, "validation_samples": 1,
         "optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5, "warmup_fraction": 0.1},
         "seed": 12345,
@@ -73,6 +84,9 @@ class DiffusionPlanner(ExperimentPlanner):
         sampling chains of one window run together (``samples_per_forward``) within the memory budget, and
         whatever the method's ``configure_plans`` hook derives from the configuration."""
         settings = deepcopy(DEFAULT_DIFFUSION[self.method])
+        if settings.get("multiclass") == "auto":  # the dataset says whether its labels are exclusive or regions
+            labels = LabelManager(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
+            settings["multiclass"] = "per_channel" if labels.has_regions else "categorical"
         settings["inference_batch"] = int(plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)
         settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"],
                                                          plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)))

@@ -8,8 +8,10 @@
 
 Processes hold their schedules as registered buffers and never own a network: the network is an argument.
 """
+from diffnnunet.processes.bernoulli import BernoulliProcess
+from diffnnunet.processes.categorical import CategoricalProcess
 from diffnnunet.processes.gaussian import GaussianProcess, make_beta_schedule
 
-PROCESSES = {"gaussian": GaussianProcess}
+PROCESSES = {"gaussian": GaussianProcess, "bernoulli": BernoulliProcess, "categorical": CategoricalProcess}
 
-__all__ = ["GaussianProcess", "make_beta_schedule", "PROCESSES"]
+__all__ = ["GaussianProcess", "BernoulliProcess", "CategoricalProcess", "make_beta_schedule", "PROCESSES"]

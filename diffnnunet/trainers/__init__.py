@@ -10,12 +10,13 @@ import pydoc
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
-from diffnnunet.trainers.variants import DiffUNetTrainer, LDSegTrainer
+from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer
 
 TRAINERS = {
     "nnUNetTrainer": nnUNetTrainer,
     "DiffusionTrainer": DiffusionTrainer,
     "DiffUNetTrainer": DiffUNetTrainer,
+    "BerDiffTrainer": BerDiffTrainer,
     "LDSegTrainer": LDSegTrainer,
 }
 
@@ -44,4 +45,5 @@ def default_plans_for(cls) -> str:
     return METHODS[cls.method_name].plans_name if cls.method_name else "DiffnnUNetPlans"
 
 
-__all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "LDSegTrainer", "default_plans_for"]
+__all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "BerDiffTrainer",
+           "LDSegTrainer", "default_plans_for"]

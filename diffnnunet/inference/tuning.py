@@ -1,0 +1,129 @@
+"""The pipeline picks its own sampling budget: validation Dice over a grid of steps x samples, and the cheapest
+setting within a tolerance of the best, stored as ``sampling.json`` in the model folder, where
+:class:`~diffnnunet.inference.predictor.DiffusionPredictor` finds it (``--steps``/``--samples`` still win).
+
+Dice is computed as nnU-Net's fold validation counts it (tp/fp/fn per foreground label or region, pooled over
+the fold's validation cases, ignore label excluded), but in the preprocessed geometry: the cases are the fold's
+preprocessed validation arrays, so no resampling or file I/O enters the comparison.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from tqdm import tqdm
+
+from diffnnunet.utils import partial_path
+
+SAMPLING_FILE = "sampling.json"
+DEFAULT_STEPS = (1, 2, 5, 10)
+DEFAULT_SAMPLES = (1, 2, 4)
+
+
+def choose_budget(results: list, tolerance: float) -> dict:
+    """``results``: dicts with ``steps``, ``samples``, ``dice``. The cheapest (steps x samples network evaluations)
+    setting whose Dice is within ``tolerance`` (a fraction: 0.005 = 0.5 Dice points) of the best; ties on cost go
+    to the higher Dice."""
+    best = max(r["dice"] for r in results)
+    ok = [r for r in results if r["dice"] >= best - tolerance]
+    return min(ok, key=lambda r: (r["steps"] * r["samples"], -r["dice"]))
+
+
+def load_tuned_sampling(model_folder: str) -> dict | None:
+    """The stored choice ``{"sampling_steps", "samples_per_step", ...}`` or None when the folder has none."""
+    path = join(model_folder, SAMPLING_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        tuned = load_json(path)
+        return {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{path}: unreadable sampling budget ({e}); delete it or re-run "
+                           "diffnnunet_tune_sampling") from None
+
+
+def _counts(pred: np.ndarray, ref: np.ndarray, label_manager) -> np.ndarray:
+    """(n_classes, 3) tp/fp/fn of label maps ``pred`` and ``ref`` (preprocessed geometry) per foreground class."""
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    classes = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    ignore = None if label_manager.ignore_label is None else ref == label_manager.ignore_label
+    out = np.zeros((len(classes), 3), dtype=np.int64)
+    for i, c in enumerate(classes):
+        r, p = region_or_label_to_mask(ref, c), region_or_label_to_mask(pred, c)
+        if ignore is not None:
+            r, p = r & ~ignore, p & ~ignore
+        out[i] = ((r & p).sum(), (~r & p).sum(), (r & ~p).sum())
+    return out
+
+
+def _dice(counts: np.ndarray) -> float:
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    denom = 2 * tp + fp + fn
+    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+    return float(np.nanmean(dice)) if np.any(denom > 0) else float("nan")
+
+
+def validation_keys(preprocessed_dataset_folder: str, fold) -> list:
+    """The fold's validation case identifiers from ``splits_final.json`` (fold 'all' has none)."""
+    splits_file = join(preprocessed_dataset_folder, "splits_final.json")
+    if fold == "all" or not os.path.isfile(splits_file):
+        raise RuntimeError(f"{splits_file}: no validation split for fold {fold} (train a fold 0-4 first)")
+    return list(load_json(splits_file)[int(fold)]["val"])
+
+
+def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, steps_grid=DEFAULT_STEPS,
+                  samples_grid=DEFAULT_SAMPLES, tolerance: float = 0.005, device=torch.device("cpu"),  # noqa: B008
+                  checkpoint: str = "checkpoint_final.pth", max_cases: int | None = None, seed: int | None = None,
+                  write: bool = True) -> dict:
+    """Validation Dice of every (steps, samples) in the grid on each fold's validation cases; returns and (with
+    ``write``) stores the choice in ``model_folder/sampling.json`` (atomically)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from diffnnunet.inference.predictor import DiffusionPredictor
+
+    grid = [(int(s), int(n)) for s in steps_grid for n in samples_grid]
+    counts = {g: 0 for g in grid}
+    cases_used = 0
+    for fold in folds:
+        predictor = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
+                                       seed=seed, allow_tqdm=False, use_tuned_sampling=False)
+        predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint)
+        if predictor.diffusion is None:
+            raise RuntimeError(f"{model_folder}: not a diffusion model, there is no sampling budget to tune")
+        data_folder = join(preprocessed_dataset_folder, predictor.configuration_manager.data_identifier)
+        dataset = infer_dataset_class(data_folder)(data_folder)
+        keys = validation_keys(preprocessed_dataset_folder, fold)[:max_cases]
+        lm = predictor.label_manager
+        for key in tqdm(keys, desc=f"fold {fold}: tuning {len(grid)} budgets"):
+            data, seg = dataset.load_case(key)[:2]
+            data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
+            ref = np.asarray(seg[:])[0]
+            for steps, samples in grid:
+                predictor.steps_override, predictor.samples_override = steps, samples
+                predictor.generator.manual_seed(int(predictor.seed if predictor.seed is not None
+                                                    else predictor.diffusion["seed"]))
+                logits = predictor.predict_sliding_window_return_logits(data)
+                pred = lm.convert_logits_to_segmentation(logits.float().cpu())
+                pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+                counts[(steps, samples)] = counts[(steps, samples)] + _counts(pred, ref, lm)
+            cases_used += 1
+    if cases_used == 0:
+        raise RuntimeError(f"{model_folder}: the folds {list(folds)} have no validation cases to tune on")
+    results = [{"steps": s, "samples": n, "evaluations": s * n, "dice": _dice(counts[(s, n)])} for s, n in grid]
+    if all(np.isnan(r["dice"]) for r in results):
+        raise RuntimeError(f"{model_folder}: no foreground in the validation cases, Dice is undefined")
+    results = [{**r, "dice": -1.0 if np.isnan(r["dice"]) else r["dice"]} for r in results]
+    chosen = choose_budget(results, tolerance)
+    summary = {"sampling_steps": chosen["steps"], "samples_per_step": chosen["samples"], "dice": chosen["dice"],
+               "best": max(results, key=lambda r: r["dice"]), "tolerance": tolerance, "grid": results,
+               "folds": [f if f == "all" else int(f) for f in folds], "cases": cases_used,
+               "checkpoint": checkpoint, "geometry": "preprocessed"}
+    if write:
+        path = join(model_folder, SAMPLING_FILE)
+        with open(partial_path(path), "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(partial_path(path), path)
+    return summary

@@ -1,0 +1,157 @@
+"""BerDiff (Chen et al., MICCAI 2023): conditional Bernoulli diffusion on the label map, the network predicting the
+flip noise, extended to mutually exclusive multi-class labels (categorical process) and nnU-Net regions (independent
+Bernoulli channels). See documentation/berdiff.md for the equation -> code map and the multi-class design."""
+from __future__ import annotations
+
+import torch
+
+from diffnnunet.methods.base import DiffusionMethod, masked_mean
+from diffnnunet.networks import TimeUNet
+from diffnnunet.processes import BernoulliProcess, CategoricalProcess
+from diffnnunet.utils import expand_to
+
+#: ``multiclass`` plans values: how the N label channels are diffused
+MULTICLASS_MODES = ("auto", "categorical", "per_channel")
+
+
+def sample_disagreement(freq: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Uncertainty ``(B, 1, *spatial)`` from the per-voxel sample frequencies ``freq`` ``(B, N, *spatial)``: the
+    fraction of the samples that disagree with the per-voxel majority vote. Categorical: 1 - max_c freq_c (in
+    [0, 1 - 1/N]); per channel: min(freq_c, 1 - freq_c) averaged over the channels (in [0, 1/2]). 0 = all agree."""
+    if per_channel:
+        return torch.minimum(freq, 1 - freq).mean(1, keepdim=True)
+    return 1 - freq.amax(1, keepdim=True)
+
+
+class BerDiff(DiffusionMethod):
+    """Noise estimator eps_hat(y_t, t, x) = activation(TimeUNet(cat(x, y_t), t)) with a Bernoulli / categorical process.
+
+    The N label channels (``x0`` from :func:`encode_target`) are diffused either as one categorical variable per
+    voxel (mutually exclusive labels, one-hot with background; K = 2 is the paper's binary BerDiff exactly) or as N
+    independent Bernoulli variables (nnU-Net regions, or N = 1). The plans' ``multiclass`` picks it: ``auto`` (default)
+    starts categorical (N >= 2) and switches to per channel for good at the first training target that is not
+    one-hot (a region target: background voxels have no channel on, nested regions several). The mode is kept in the
+    persistent buffer ``per_channel`` so a checkpoint samples the way it was trained.
+
+    Args:
+        arch_kwargs: the configuration's ``architecture.arch_kwargs``. input_channels: image channels M.
+        num_classes: label channels N. diffusion: the configuration's ``diffusion`` section of the plans.
+    """
+
+    plans_name = "BerDiffPlans"
+    #: class default (mutually exclusive labels); instances in per-channel mode report ``per_channel``
+    probabilities = "categorical"
+
+    def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.multiclass = diffusion.get("multiclass", "auto")
+        if self.multiclass not in MULTICLASS_MODES:
+            raise ValueError(f"unknown multiclass mode '{self.multiclass}' (known: {', '.join(MULTICLASS_MODES)})")
+        schedule = (diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
+                    diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02))
+        self.bernoulli = BernoulliProcess(*schedule)
+        self.categorical = CategoricalProcess(self.num_classes, *schedule) if self.num_classes >= 2 else None
+        self.sampler = diffusion.get("sampler", "ddim")
+        if self.sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown BerDiff sampler '{self.sampler}' (known: ddim, ddpm)")
+        self.eta = float(diffusion.get("eta", 0.0))
+        self.bce_weight = float(diffusion.get("bce_weight", 1.0))
+        self.network = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch_kwargs,
+                                time_embedding=True)
+        per_channel = self.multiclass == "per_channel" or self.categorical is None
+        if self.multiclass == "categorical" and self.categorical is None:
+            raise ValueError("multiclass 'categorical' needs at least 2 label channels (background + foreground)")
+        self.register_buffer("per_channel", torch.tensor(per_channel))  # persistent: the trained mode
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_mode())
+        self._sync_mode()
+
+    def _sync_mode(self):
+        self.probabilities = "per_channel" if bool(self.per_channel) else "categorical"
+
+    @property
+    def process(self) -> BernoulliProcess:
+        """The process of the current mode (one host read of the mode flag; call it outside step loops)."""
+        return self.bernoulli if bool(self.per_channel) else self.categorical
+
+    @staticmethod
+    def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
+        """VRAM proxy for the planner: the one noise estimator with the N extra noisy-label input channels."""
+        m = BerDiff(arch_kwargs, input_channels, num_classes, {"timesteps": 2})
+        return int(m.network.compute_conv_feature_map_size(patch_size))
+
+    def forward(self, image: torch.Tensor, y_t: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise logits ``(B, N, *spatial)`` for ``image`` ``(B, M, *spatial)``, ``y_t`` ``(B, N, *spatial)`` in {0, 1},
+        ``t`` ``(B,)``. Without ``y_t`` (nnU-Net's plain ``network(x)`` calls) an all-zero y_t at t = T-1 stands in."""
+        if y_t is None:
+            y_t = image.new_zeros((image.shape[0], self.num_classes, *image.shape[2:]))
+            t = torch.full((image.shape[0],), self.bernoulli.timesteps - 1, device=image.device, dtype=torch.long)
+        return self.network(torch.cat([image, y_t.to(image.dtype)], dim=1), t)
+
+    def benchmark_forward(self, image: torch.Tensor):
+        y = image.new_zeros((image.shape[0], self.num_classes, *image.shape[2:]))
+        t = torch.full((image.shape[0],), self.bernoulli.timesteps - 1, device=image.device, dtype=torch.long)
+        return lambda: self(image, y, t)
+
+    def _observe_targets(self, x0: torch.Tensor):
+        """``auto``: the first target that is not one-hot switches to independent channels (regions)."""
+        if bool(self.per_channel) or self.multiclass == "per_channel":
+            return
+        if bool((x0.sum(1) != 1).any()):
+            if self.multiclass == "categorical":
+                raise ValueError("BerDiff plans say multiclass 'categorical' but the training target is not one-hot "
+                                 "(a region dataset?): set diffusion.multiclass to 'per_channel' or 'auto'")
+            self.per_channel.fill_(True)
+            self._sync_mode()
+
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
+        """Algorithm 1: L = L_KL (Eq. 8; the decoder NLL -log p(y_0 | y_1) at t = 1) + lambda L_BCE (Eq. 9), both
+        averaged over the voxels where ``mask`` is 1. ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}."""
+        self._observe_targets(x0)
+        proc = self.process
+        t = proc.sample_timesteps(x0.shape[0], x0.device, generator)
+        noise = proc.sample_noise(x0, t, generator)
+        y_t = proc.q_sample(x0, t, noise)
+        logits = self(image, y_t, t)
+        mu_hat = proc.calibrate(y_t, proc.noise_probs(logits), t)  # Eq. 7
+        theta_post = proc.posterior(y_t, x0, t)  # Eq. 4
+        kl = proc.kl(theta_post, mu_hat)
+        first = expand_to(t == 0, kl) > 0
+        kl = masked_mean(torch.where(first, proc.decoder_nll(x0, mu_hat), kl), mask)
+        bce = masked_mean(proc.noise_nll(noise, logits), mask)
+        return {"loss": kl + self.bce_weight * bce, "kl": kl.detach(), "bce": bce.detach()}
+
+    @torch.no_grad()
+    def sample(self, image, steps: int = 10, samples: int = 8, generator: torch.Generator | None = None,
+               chunk: int | None = None, return_uncertainty: bool = False):
+        """Algorithm 2 over S independent chains (``chunk`` at a time): y_T ~ B(1/2) (categorical: uniform), then
+        ``steps`` reverse steps on the respaced sub-sequence (``sampler`` ddim: Algorithm 2's DDIM update with
+        ``eta``; ddpm: the posterior of Eq. 6/7). ``image``: ``(B, M, *spatial)``.
+
+        Returns the saliency map (the mean of the S binary / one-hot samples) ``(B, N, *spatial)``; with
+        ``return_uncertainty`` also the sample disagreement ``(B, 1, *spatial)`` (:func:`sample_disagreement`).
+        """
+        proc, per_channel = self.process, bool(self.per_channel)
+        b, s = image.shape[0], max(1, int(samples))
+        chunk = max(1, min(int(chunk or s), s))
+        timesteps = proc.set_timesteps(steps)
+        total = None
+        for start in range(0, s, chunk):
+            n = min(chunk, s - start)
+            image_n = image.repeat_interleave(n, 0)
+            y = proc.prior_sample((b * n, self.num_classes, *image.shape[2:]), generator, image.device, torch.float32)
+            for i, t in enumerate(timesteps):
+                tt = torch.full((b * n,), t, device=image.device, dtype=torch.long)
+                x0_hat = proc.predict_x0(proc.noise_probs(self(image_n, y, tt)), y)
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                if self.sampler == "ddim":
+                    y = proc.step(x0_hat, y, t, t_prev, self.eta, generator)
+                else:
+                    y = proc.step_ddpm(x0_hat, y, t, t_prev, generator)
+            y_sum = y.reshape(b, n, *y.shape[1:]).sum(1)
+            total = y_sum if total is None else total + y_sum
+        freq = total / s
+        if return_uncertainty:
+            return freq, sample_disagreement(freq, per_channel)
+        return freq

@@ -1,0 +1,192 @@
+"""BerDiff method: loss (Eqs. 7-9) and its K = 2 equivalence with the paper, label/region modes, sampler
+(Algorithm 2) shapes, uncertainty and a seeded regression, and the CLIs end to end on tiny 2D/3D multi-class data."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from diffnnunet.cli import plan_and_preprocess, predict, train
+from diffnnunet.datasets.synthetic import make_dataset
+from diffnnunet.methods import METHODS, BerDiff
+from diffnnunet.methods.berdiff import sample_disagreement
+from diffnnunet.networks import resolve_arch_kwargs
+from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+from diffnnunet.processes import BernoulliProcess
+from diffnnunet.trainers import TRAINERS, default_plans_for
+from diffnnunet.utils import expand_to
+
+
+def _model(arch, channels=2, classes=3, **diffusion):
+    torch.manual_seed(0)
+    return BerDiff(resolve_arch_kwargs(arch), channels, classes, {**DEFAULT_DIFFUSION["berdiff"], **diffusion}).eval()
+
+
+def _labels(classes, spatial, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.one_hot(torch.randint(0, classes, (batch, *spatial), generator=g), classes).movedim(-1, 1).float()
+
+
+def test_registration_and_defaults():
+    assert METHODS["berdiff"] is BerDiff and BerDiff.plans_name == "BerDiffPlans"
+    assert default_plans_for(TRAINERS["BerDiffTrainer"]) == "BerDiffPlans"
+    d = DEFAULT_DIFFUSION["berdiff"]
+    assert (d["timesteps"], d["schedule"], d["bce_weight"], d["optimizer"]["name"]) == (1000, "linear", 1.0, "AdamW")
+
+
+def test_loss_terms_shapes_and_gradients(arch, spatial):
+    m = _model(arch).train()
+    out = m.training_loss(torch.randn(2, 2, *spatial), _labels(3, spatial), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "kl", "bce"} and out["loss"].ndim == 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in m.network.parameters())
+    assert m(torch.randn(1, 2, *spatial)).shape == (1, 3, *spatial)  # nnU-Net's bare network(x) call
+
+
+def test_binary_labels_are_the_papers_bernoulli_loss(arch, spatial):
+    """Binary label dataset (one-hot [bg, fg]): the categorical K = 2 loss equals the paper's Bernoulli loss on the
+    foreground channel with eps_hat = sigmoid(l_fg - l_bg): KL of Eq. 8 (decoder NLL at t = 1) + BCE of Eq. 9."""
+    m = _model(arch, classes=2)
+    assert m.probabilities == "categorical"
+    x0, image = _labels(2, spatial, batch=4), torch.randn(4, 2, *spatial)
+    mask = (torch.rand(4, 1, *spatial, generator=torch.Generator().manual_seed(5)) > 0.2).float()
+    seen = {}
+    m.network.register_forward_hook(lambda mod, inp, out: seen.update(logits=out, y_t=inp[0][:, 2:]))
+    got = m.training_loss(image, x0, mask, generator=torch.Generator().manual_seed(1))
+    bern = BernoulliProcess()
+    g = torch.Generator().manual_seed(1)
+    t = bern.sample_timesteps(4, "cpu", g)
+    y = x0[:, 1:]
+    noise = bern.sample_noise(y, t, g)
+    y_t = bern.q_sample(y, t, noise)
+    torch.testing.assert_close(seen["y_t"][:, 1:], y_t)
+    logit = seen["logits"][:, 1:] - seen["logits"][:, :1]
+    mu = bern.calibrate(y_t, torch.sigmoid(logit), t)
+    vb = torch.where(expand_to(t == 0, y) > 0, bern.decoder_nll(y, mu), bern.kl(bern.posterior(y_t, y, t), mu))
+    kl = (vb * mask).sum() / mask.sum()
+    bce = (bern.noise_nll(noise, logit) * mask).sum() / mask.sum()
+    torch.testing.assert_close(got["kl"], kl, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got["bce"], bce, atol=1e-6, rtol=1e-4)
+
+
+def test_label_and_region_modes(arch, spatial):
+    """auto: one-hot targets keep the categorical process; the first non-one-hot target (regions) switches to
+    independent Bernoulli channels for good, and a checkpoint carries the mode. N = 1 is always per channel."""
+    image = torch.randn(2, 2, *spatial)
+    m = _model(arch)
+    m.training_loss(image, _labels(3, spatial))
+    assert m.probabilities == "categorical" and not bool(m.per_channel)
+    regions = (torch.rand(2, 3, *spatial) > 0.5).float()
+    m.training_loss(image, regions)
+    assert m.probabilities == "per_channel" and m.process is m.bernoulli
+    m.training_loss(image, _labels(3, spatial))  # stays per channel
+    fresh = _model(arch)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.probabilities == "per_channel"
+    assert _model(arch, classes=1).probabilities == "per_channel"
+    with pytest.raises(ValueError, match="per_channel"):
+        _model(arch, multiclass="categorical").training_loss(image, regions)
+    with pytest.raises(ValueError, match="multiclass"):
+        _model(arch, multiclass="softmax")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_shapes_samples_and_uncertainty(arch, spatial, sampler):
+    m = _model(arch, sampler=sampler)
+    calls = []
+    m.network.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    probs, unc = m.sample(torch.randn(2, 2, *spatial), steps=3, samples=5, chunk=2,
+                          generator=torch.Generator().manual_seed(0), return_uncertainty=True)
+    assert calls == [4] * 3 + [4] * 3 + [2] * 3  # 5 chains of 2 windows, 2 chains per forward, 3 steps each
+    assert probs.shape == (2, 3, *spatial) and unc.shape == (2, 1, *spatial)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, *spatial))  # mean of one-hot samples
+    assert torch.allclose(probs * 5, (probs * 5).round())  # frequencies of 5 discrete samples
+    torch.testing.assert_close(unc, 1 - probs.amax(1, keepdim=True))
+
+
+def test_disagreement_definition():
+    freq = torch.tensor([[0.0, 0.25, 0.5], [1.0, 0.75, 0.5]]).reshape(1, 2, 3)  # two channels, three voxels
+    torch.testing.assert_close(sample_disagreement(freq, per_channel=False), torch.tensor([[[0.0, 0.25, 0.5]]]))
+    torch.testing.assert_close(sample_disagreement(freq, per_channel=True), torch.tensor([[[0.0, 0.25, 0.5]]]))
+    regions = torch.tensor([[0.0], [0.5]]).reshape(1, 2, 1)
+    torch.testing.assert_close(sample_disagreement(regions, per_channel=True), torch.tensor([[[0.25]]]))
+
+
+def test_seeded_sampler_regression(arch, spatial, dim):
+    """Pinned numbers: a change in the process, the sampler or the draw order shows up here."""
+    m = _model(arch)
+    image = torch.linspace(-1, 1, 2 * int(np.prod(spatial))).reshape(1, 2, *spatial)
+    probs, unc = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42),
+                          return_uncertainty=True)
+    again = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(probs, again)
+    got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
+    expected = {2: [0.3255, 0.306, 0.3789], 3: [0.3512, 0.3109, 0.375]}[dim]
+    assert got == expected
+
+
+# -- CLIs end to end -------------------------------------------------------------------------------------------------
+IDS = {2: 831, 3: 832}
+NAMES = {2: "Dataset831_Synthetic2D", 3: "Dataset832_Synthetic3D"}
+CONFIG = {2: "2d", 3: "3d_fullres"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet_berdiff")
+    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    old = {k: os.environ.get(k) for k in paths}
+    os.environ.update(paths)
+    for d in (2, 3):
+        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
+    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
+                              "-methods", "berdiff", "--no_baseline"])
+    for d in (2, 3):
+        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "BerDiffPlans.json")
+        plans = json.load(open(plans_file))
+        for cfg in plans["configurations"].values():
+            cfg["diffusion"].update(sampling_steps=2, samples_per_step=2)
+        json.dump(plans, open(plans_file, "w"))
+    yield paths
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _geometry(path):
+    img = sitk.ReadImage(path)
+    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
+    plans = json.load(open(os.path.join(env["nnUNet_preprocessed"], NAMES[dim], "BerDiffPlans.json")))
+    assert plans["configurations"][CONFIG[dim]]["diffusion"]["method"] == "berdiff"
+    train.main([str(IDS[dim]), "BerDiffTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch",
+                "2", "--val-iterations", "1"])
+    fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"BerDiffTrainer__BerDiffPlans__{CONFIG[dim]}", "fold_0")
+    for f in ("checkpoint_final.pth", "validation/summary.json"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    out = str(tmp_path / "pred")
+    images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
+    predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "BerDiffTrainer", "-f", "0", "-device", "cpu",
+                  "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "2"])
+    for case in sorted({f[:-12] for f in os.listdir(images)}):
+        src = _geometry(os.path.join(images, case + "_0000.nii.gz"))
+        for name in (case + ".nii.gz", case + "_uncertainty.nii.gz"):
+            got = _geometry(os.path.join(out, name))
+            assert got[0] == src[0], name
+            for a, b in zip(got[1:], src[1:]):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2}
+        unc = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz")))
+        assert unc.min() >= 0 and unc.max() <= 2 / 3 + 1e-3  # 1 - max frequency over 3 classes
+        probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
+        assert probs.shape[0] == 3
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)  # categorical: exported as log(p), softmax = p
