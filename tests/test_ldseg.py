@@ -84,6 +84,7 @@ def test_latent_shapes(arch, spatial, dim):
     assert m.encode_image(image).shape == (2, 4, *latent)
     assert m.decode(m.encode_label(x0)).shape == (2, 3, *spatial)
     assert m(image).shape == (2, 3, *spatial)
+    assert m.benchmark_forward(image[:1])().shape == (1, 3, *spatial)
 
 
 def test_label_latent_is_standardised_per_sample_and_channel(arch, spatial):
@@ -158,12 +159,28 @@ def test_ignored_voxels_do_not_change_the_loss():
     assert weights[0, 0, :, 0].tolist() == [0.0] * 4 and weights[0, 0, :, 1:].eq(1).all()
 
 
-def test_regions_are_rejected():
+def test_regions_use_per_channel_sigmoids():
     from tests.conftest import ARCH_2D
-    m = _model(ARCH_2D, (16, 16), classes=2)
-    regions = torch.ones(1, 2, 16, 16)  # overlapping regions, not one-hot
+    regions = torch.zeros(2, 2, 16, 16)
+    regions[:, 0, 2:12, 2:12] = 1
+    regions[:, 1, 4:8, 4:8] = 1  # nested (overlapping) regions, not one-hot
+    image = torch.randn(2, 2, 16, 16)
     with pytest.raises(ValueError, match="mutually exclusive"):
-        m.training_loss(torch.randn(1, 2, 16, 16), regions)
+        _model(ARCH_2D, (16, 16), classes=2).training_loss(image, regions)
+    m = _model(ARCH_2D, (16, 16), classes=2, multiclass="per_channel")
+    assert m.probabilities == "per_channel" and LDSeg.probabilities == "categorical"
+    terms = m.training_loss(image, regions, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    z_l, z_i = m.encode_label(regions), m.encode_image(image)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(z_l.shape, generator=g)
+    z_t = m.process.q_sample(z_l, t, eps)
+    logits = m.decode(m.estimate_x0(m.predict_noise(z_t, z_i, t), z_t, t))
+    p = torch.sigmoid(logits)
+    bce = -(regions * torch.log(p) + (1 - regions) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(terms["ce"], bce, rtol=1e-4, atol=1e-5)
+    probs = m.sample(image, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (2, 2, 16, 16) and not torch.allclose(probs.sum(1), torch.ones(2, 16, 16))
 
 
 # -- sampling (Algorithm 2 with DDIM) -------------------------------------------------------------------------------
@@ -275,6 +292,7 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     cfg = plans["configurations"][CONFIG[dim]]
     section = cfg["diffusion"]
     assert section["method"] == "ldseg" and section["sampling_steps"] == 2
+    assert section["multiclass"] == "categorical"  # resolved from dataset.json: exclusive labels -> softmax
     assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"])[0]
     factor = total_stride(section["latent_strides"])
     assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))

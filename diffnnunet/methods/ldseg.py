@@ -21,12 +21,20 @@ from diffnnunet.networks.time_unet import _common_kwargs, conv_op_dim, resolve_a
 from diffnnunet.processes import GaussianProcess
 
 DENOISED_LATENTS = ("paper", "x0")
+#: decoder output: softmax over the N channels (exclusive labels) or a sigmoid per channel (nnU-Net regions)
+MULTICLASS_MODES = ("categorical", "per_channel")
 
 
 def ce_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Eq. 14, L_CE = -sum_c y_c log(y_hat_c), y_hat = softmax(logits); masked mean over voxels. ``(B, N, *sp)``."""
     per_voxel = -(x0 * F.log_softmax(logits.float(), dim=1)).sum(1, keepdim=True)
     return masked_mean(per_voxel, mask)
+
+
+def bce_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 14 for independent per-channel (region) outputs: binary cross-entropy of sigmoid(logits), masked mean
+    over voxels and channels. ``(B, N, *sp)``."""
+    return masked_mean(F.binary_cross_entropy_with_logits(logits.float(), x0, reduction="none"), mask)
 
 
 def latent_mask(mask: torch.Tensor | None, latent_shape) -> torch.Tensor | None:
@@ -47,7 +55,9 @@ class LDSeg(DiffusionMethod):
         diffusion: the plans' ``diffusion`` section: ``latent_strides`` / ``denoiser_strides`` (from
             :meth:`configure_plans`; recomputed from ``arch_kwargs`` without the patch constraint if missing),
             ``latent_channels``, ``timesteps``, ``schedule``, ``loss_weights`` (``dice`` = gamma, ``mse`` = lambda),
-            ``denoised_latent`` (``paper``: z_t - eps_hat, Eq. 12; ``x0``: the x0 estimate), ``x0_clip``, ``eta``.
+            ``denoised_latent`` (``paper``: z_t - eps_hat, Eq. 12; ``x0``: the x0 estimate), ``x0_clip``, ``eta``,
+            ``multiclass`` (``categorical``: softmax decoder, the paper; ``per_channel``: sigmoids for nnU-Net
+            regions; the planner resolves ``auto`` from dataset.json).
     """
 
     plans_name = "LDSegPlans"
@@ -70,6 +80,10 @@ class LDSeg(DiffusionMethod):
             raise ValueError(f"denoised_latent '{self.denoised_latent}' (known: {', '.join(DENOISED_LATENTS)})")
         self.x0_clip = float(diffusion.get("x0_clip", 5.0))
         self.eta = float(diffusion.get("eta", 0.0))
+        multiclass = diffusion.get("multiclass", "categorical")
+        self.probabilities = "categorical" if multiclass == "auto" else multiclass
+        if self.probabilities not in MULTICLASS_MODES:
+            raise ValueError(f"multiclass '{multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)})")
         self.default_steps = int(diffusion.get("sampling_steps", 2))
         cl = self.latent_channels
         self.label_encoder = LabelEncoder(arch_kwargs, num_classes, cl, self.latent_strides)
@@ -139,8 +153,13 @@ class LDSeg(DiffusionMethod):
         return self.denoiser(torch.cat([z_t, z_i.to(z_t.dtype)], dim=1), t)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Class logits of f_label-dec (Eq. 13; y_hat = softmax): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``."""
+        """Class logits of f_label-dec (Eq. 13): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``."""
         return self.label_decoder(z)
+
+    def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """y_hat: softmax over channels (``categorical``, the paper) or per-channel sigmoid (``per_channel``)."""
+        logits = logits.float()
+        return torch.softmax(logits, 1) if self.probabilities == "categorical" else torch.sigmoid(logits)
 
     def estimate_x0(self, eps_hat: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to +-x0_clip (the latent is standardised;
@@ -172,11 +191,11 @@ class LDSeg(DiffusionMethod):
         return lambda: self.decode(self.predict_noise(z, z_i, t))
 
     def _check_targets(self, x0: torch.Tensor):
-        """Once: LDSeg's softmax decoder needs mutually exclusive labels (one-hot, sums to 1), not regions."""
-        if not self._targets_checked:
+        """Once: the softmax decoder needs mutually exclusive labels (one-hot, sums to 1), not regions."""
+        if not self._targets_checked and self.probabilities == "categorical":
             if not torch.all(x0.sum(1) == 1):
-                raise ValueError("LDSeg needs mutually exclusive labels (one-hot targets); region-based datasets "
-                                 "(overlapping regions) are not supported by its softmax decoder")
+                raise ValueError("LDSeg's softmax decoder (multiclass 'categorical') needs mutually exclusive labels; "
+                                 "for region-based datasets plan with multiclass 'auto' or 'per_channel'")
             self._targets_checked = True
 
     def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
@@ -191,8 +210,8 @@ class LDSeg(DiffusionMethod):
         z_t = self.process.q_sample(z_l, t, noise)
         eps_hat = self.predict_noise(z_t, z_i, t)
         logits = self.decode(self.denoise(z_t, eps_hat.float(), t))
-        ce = ce_loss(logits, x0, mask)
-        dice = soft_dice_loss(torch.softmax(logits.float(), 1), x0, mask)
+        ce = ce_loss(logits, x0, mask) if self.probabilities == "categorical" else bce_loss(logits, x0, mask)
+        dice = soft_dice_loss(self.to_probabilities(logits), x0, mask)
         mse = masked_mean((eps_hat.float() - noise) ** 2, latent_mask(mask, z_l.shape[2:]))
         loss = self.w_ce * ce + self.gamma * dice + self.lam * mse
         return {"loss": loss, "ce": ce.detach(), "dice": dice.detach(), "mse": mse.detach()}
@@ -226,7 +245,7 @@ class LDSeg(DiffusionMethod):
             n = min(chunk, s - start)
             z = self._ddim(noise[:, start:start + n].reshape(b * n, *z_i.shape[1:]), z_i.repeat_interleave(n, 0),
                            timesteps, generator)
-            p = torch.softmax(self.decode(z).float(), 1).reshape(b, n, self.num_classes, *image.shape[2:])
+            p = self.to_probabilities(self.decode(z)).reshape(b, n, self.num_classes, *image.shape[2:])
             p_sum = p.sum(1) if p_sum is None else p_sum + p.sum(1)
             p_sq = (p ** 2).sum(1) if p_sq is None else p_sq + (p ** 2).sum(1)
         mean = p_sum / s
