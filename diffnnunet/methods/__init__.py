@@ -2,7 +2,8 @@
 from diffnnunet.methods.base import DiffusionMethod, encode_target
 from diffnnunet.methods.berdiff import BerDiff
 from diffnnunet.methods.diff_unet import DiffUNet
+from diffnnunet.methods.ldseg import LDSeg
 
-METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff}
+METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg}
 
-__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "METHODS", "encode_target"]
+__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]

@@ -31,6 +31,19 @@ DEFAULT_DIFFUSION = {
         "optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5, "warmup_fraction": 0.1},
         "seed": 12345,
     },
+    # LDSeg (Zaman et al. 2024): cosine T=1000, eps-prediction, DDIM 2 steps (Fig. 5 / Table IV), gamma=2, lambda=1
+    # (Sec. IV.C); lr 1e-3 (the paper's lower initial lr; it names no optimizer, AdamW as Diff-UNet). The latent
+    # downsampling (latent_strides, denoiser_strides) is added per configuration by LDSeg.configure_plans;
+    # multiclass "auto" becomes "categorical" (softmax decoder, the paper) or "per_channel" (sigmoids) for regions.
+    "ldseg": {
+        "method": "ldseg", "process": "gaussian", "prediction": "eps", "timesteps": 1000, "schedule": "cosine",
+        "eta": 0.0, "sampling_steps": 2, "samples_per_step": 4, "latent_channels": 4,
+        "denoised_latent": "x0", "x0_clip": 5.0, "multiclass": "auto",
+        "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0},
+        "validation_sampling_steps": 2, "validation_samples": 1,
+        "optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+        "seed": 12345,
+    },
 }
 
 #: inference keeps no activations for backward; a conservative factor of samples per training sample that fit

@@ -10,13 +10,14 @@ import pydoc
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
-from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer
+from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer
 
 TRAINERS = {
     "nnUNetTrainer": nnUNetTrainer,
     "DiffusionTrainer": DiffusionTrainer,
     "DiffUNetTrainer": DiffUNetTrainer,
     "BerDiffTrainer": BerDiffTrainer,
+    "LDSegTrainer": LDSegTrainer,
 }
 
 
@@ -45,4 +46,4 @@ def default_plans_for(cls) -> str:
 
 
 __all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "BerDiffTrainer",
-           "default_plans_for"]
+           "LDSegTrainer", "default_plans_for"]

@@ -12,3 +12,9 @@ class BerDiffTrainer(DiffusionTrainer):
     """BerDiff (Chen et al. 2023); settings come from the plans' diffusion section (BerDiffPlans)."""
 
     method_name = "berdiff"
+
+
+class LDSegTrainer(DiffusionTrainer):
+    """LDSeg (Zaman et al. 2024): latent diffusion; settings come from the plans' diffusion section."""
+
+    method_name = "ldseg"

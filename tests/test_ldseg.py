@@ -1,0 +1,324 @@
+"""LDSeg: latent layout from the plans, latent shapes, standardisation, the loss terms of Eqs. 14-18, the DDIM sampler
+(Algorithm 2) with its uncertainty map, and the CLIs end to end on tiny 2D and 3D multi-class data."""
+import math
+
+import pytest
+import torch
+
+from diffnnunet.methods import METHODS, LDSeg, encode_target
+from diffnnunet.methods.ldseg import ce_loss, latent_mask
+from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
+from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+
+NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
+                 conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 7,
+                 strides=[[1, 1]] + [[2, 2]] * 6, n_conv_per_stage=[2] * 7, n_conv_per_stage_decoder=[2] * 6,
+                 conv_bias=True, norm_op="torch.nn.modules.instancenorm.InstanceNorm2d",
+                 norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+                 nonlin="torch.nn.LeakyReLU", nonlin_kwargs={"inplace": True})
+# thick slices: the first axis is downsampled only from stage 3 on, as nnU-Net plans it
+NNUNET_3D_ANISO = dict(NNUNET_2D, n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320],
+                       conv_op="torch.nn.modules.conv.Conv3d",
+                       kernel_sizes=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+                       strides=[[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+                       n_conv_per_stage=[2] * 6, n_conv_per_stage_decoder=[2] * 5,
+                       norm_op="torch.nn.modules.instancenorm.InstanceNorm3d")
+
+
+def _model(arch, spatial, channels=2, classes=3, **diffusion):
+    torch.manual_seed(0)
+    latent, denoiser = latent_layout(arch, spatial)
+    settings = {"latent_strides": latent, "denoiser_strides": denoiser, **diffusion}
+    return LDSeg(arch, channels, classes, settings).eval()
+
+
+def _onehot(spatial, classes=3, batch=2, seed=0):
+    labels = torch.randint(0, classes, (batch, 1, *spatial), generator=torch.Generator().manual_seed(seed))
+    return encode_target(labels.float(), classes, has_regions=False, ignore_label=None)[0]
+
+
+# -- latent layout -------------------------------------------------------------------------------------------------
+def test_latent_layout_takes_plans_strides_until_16():
+    strides, denoiser = latent_layout(NNUNET_2D, [256, 256])
+    assert strides == [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]] and total_stride(strides) == [16, 16]
+    assert denoiser == [[1, 1], [2, 2]]  # 16 x 16 latent: the denoiser downsamples once
+
+
+def test_latent_layout_anisotropic_axis_downsamples_less():
+    strides, _ = latent_layout(NNUNET_3D_ANISO, [32, 256, 256])
+    assert total_stride(strides) == [4, 16, 16]  # the thick-slice axis has only two stride-2 stages before 16
+    assert strides == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]  # trailing no-op stage dropped
+
+
+def test_latent_layout_respects_the_patch():
+    strides, denoiser = latent_layout(NNUNET_3D_ANISO, [4, 32, 48])
+    assert total_stride(strides) == [2, 16, 16]  # >= 2 latent positions per axis: 4 -> 2, 32 -> 2, 48 -> 3
+    assert denoiser == [[1, 1, 1], [1, 1, 1]]  # latent (2, 2, 3) is too small to downsample
+    assert total_stride(latent_layout(NNUNET_2D, [40, 64])[0]) == [8, 16]  # 40 = 8 * 5: 16 does not divide
+
+
+def test_configure_plans_stores_the_layout():
+    plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
+    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"]), plan)
+    assert total_stride(settings["latent_strides"]) == [4, 16, 16]
+    assert settings["latent_size"] == [8, 16, 16] and settings["denoiser_strides"] == [[1, 1, 1], [2, 2, 2]]
+    m = LDSeg(NNUNET_3D_ANISO, 1, 2, settings)
+    assert m.latent_strides == settings["latent_strides"]
+    assert METHODS["ldseg"] is LDSeg and LDSeg.plans_name == "LDSegPlans" and LDSeg.probabilities == "categorical"
+
+
+def test_defaults_follow_the_paper():
+    d = DEFAULT_DIFFUSION["ldseg"]
+    assert (d["schedule"], d["timesteps"], d["prediction"], d["sampling_steps"]) == ("cosine", 1000, "eps", 2)
+    assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
+
+
+# -- networks --------------------------------------------------------------------------------------------------------
+def test_latent_shapes(arch, spatial, dim):
+    m = _model(arch, spatial)
+    factor = total_stride(m.latent_strides)
+    latent = tuple(s // f for s, f in zip(spatial, factor))
+    assert factor == ([4, 4] if dim == 2 else [2, 4, 4])  # ARCH_3D's first axis is strided once only
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    assert m.encode_label(x0).shape == (2, 4, *latent)
+    assert m.encode_image(image).shape == (2, 4, *latent)
+    assert m.decode(m.encode_label(x0)).shape == (2, 3, *spatial)
+    assert m(image).shape == (2, 3, *spatial)
+    assert m.benchmark_forward(image[:1])().shape == (1, 3, *spatial)
+
+
+def test_label_latent_is_standardised_per_sample_and_channel(arch, spatial):
+    m = _model(arch, spatial)
+    x0 = _onehot(spatial, batch=3)
+    z = m.encode_label(x0)
+    axes = tuple(range(2, z.ndim))
+    torch.testing.assert_close(z.mean(axes), torch.zeros(3, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(axes, unbiased=False), torch.ones(3, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(m.encode_label(x0[1:2]), z[1:2], atol=1e-5, rtol=0)  # not batch statistics
+    raw = torch.randn(2, 4, *spatial) * 5 + 3
+    ref = (raw - raw.mean(axes, keepdim=True)) / torch.sqrt(raw.var(axes, keepdim=True, unbiased=False) + 1e-5)
+    torch.testing.assert_close(LatentStandardize()(raw), ref)
+
+
+def test_image_encoder_attends_in_its_last_two_downsampling_stages():
+    m = _model(NNUNET_2D, [64, 64])
+    has_attention = [any(isinstance(x, torch.nn.MultiheadAttention) for x in s.modules())
+                     for s in m.image_encoder.stages]
+    assert has_attention == [False, False, False, True, True]
+    assert not any(isinstance(x, torch.nn.MultiheadAttention) for x in m.label_encoder.modules())
+
+
+def test_feature_map_size_counts_every_network(dim):
+    arch = NNUNET_2D if dim == 2 else NNUNET_3D_ANISO
+    small, big = ([64, 64], [128, 128]) if dim == 2 else ([8, 64, 64], [16, 128, 128])
+    a = LDSeg.feature_map_size(arch, 1, 3, small)
+    assert a > 3 * 32 * math.prod(small)  # at least the three full-resolution paths (2 encoders + decoder)
+    assert LDSeg.feature_map_size(arch, 1, 3, big) >= 0.9 * 2 ** dim * a  # scales with the patch volume
+
+
+# -- loss (Algorithm 1, Eqs. 11-18) -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["paper", "x0"])
+def test_training_loss_is_eq18(arch, spatial, variant):
+    m = _model(arch, spatial, denoised_latent=variant)
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    terms = m.training_loss(image, x0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    z_l, z_i = m.encode_label(x0), m.encode_image(image)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(z_l.shape, generator=g)
+    ab = m.process.alphas_cumprod[t].reshape(2, *[1] * (z_l.ndim - 1))
+    z_t = ab.sqrt() * z_l + (1 - ab).sqrt() * eps  # Eq. 11
+    eps_hat = m.denoiser(torch.cat([z_t, z_i], 1), t)
+    z_dn = z_t - eps_hat if variant == "paper" else ((z_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()).clamp(-5, 5)
+    p = torch.softmax(m.label_decoder(z_dn), 1)
+    ce = -(x0 * torch.log(p)).sum(1).mean()  # Eq. 14, mean over voxels
+    axes = [0] + list(range(2, p.ndim))
+    dice = 1 - (2 * (p * x0).sum(axes) / (p.sum(axes) + x0.sum(axes))).mean()  # Eq. 15, mean over classes
+    mse = ((eps_hat - eps) ** 2).mean()  # Eq. 17
+    for key, ref in (("ce", ce), ("dice", dice), ("mse", mse), ("loss", ce + 2 * dice + mse)):
+        torch.testing.assert_close(terms[key], ref, rtol=1e-4, atol=1e-5, msg=key)
+    terms["loss"].backward()
+    for net in (m.label_encoder, m.image_encoder, m.denoiser, m.label_decoder):  # trained end to end
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_ignored_voxels_do_not_change_the_loss():
+    from tests.conftest import ARCH_2D
+    m = _model(ARCH_2D, (16, 16))
+    image, x0 = torch.randn(2, 2, 16, 16), _onehot((16, 16))
+    mask = torch.ones(2, 1, 16, 16)
+    mask[..., :4] = 0
+    other = x0.clone()
+    other[..., :4] = torch.nn.functional.one_hot(torch.full((2, 16, 4), 2), 3).movedim(-1, 1).float()
+    a = m.training_loss(image, x0, mask, generator=torch.Generator().manual_seed(1))
+    b = m.training_loss(image, other, mask, generator=torch.Generator().manual_seed(1))
+    for key in ("ce", "dice", "mse", "loss"):
+        torch.testing.assert_close(a[key], b[key])
+    assert ce_loss(torch.zeros(2, 3, 16, 16), x0, mask).item() == pytest.approx(math.log(3), rel=1e-6)
+    weights = latent_mask(mask, (4, 4))  # each latent cell covers 4 x 4 voxels; the first column is ignored
+    assert weights[0, 0, :, 0].tolist() == [0.0] * 4 and weights[0, 0, :, 1:].eq(1).all()
+
+
+def test_regions_use_per_channel_sigmoids():
+    from tests.conftest import ARCH_2D
+    regions = torch.zeros(2, 2, 16, 16)
+    regions[:, 0, 2:12, 2:12] = 1
+    regions[:, 1, 4:8, 4:8] = 1  # nested (overlapping) regions, not one-hot
+    image = torch.randn(2, 2, 16, 16)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        _model(ARCH_2D, (16, 16), classes=2).training_loss(image, regions)
+    m = _model(ARCH_2D, (16, 16), classes=2, multiclass="per_channel")
+    assert m.probabilities == "per_channel" and LDSeg.probabilities == "categorical"
+    terms = m.training_loss(image, regions, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    z_l, z_i = m.encode_label(regions), m.encode_image(image)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(z_l.shape, generator=g)
+    z_t = m.process.q_sample(z_l, t, eps)
+    logits = m.decode(m.estimate_x0(m.predict_noise(z_t, z_i, t), z_t, t))
+    p = torch.sigmoid(logits)
+    bce = -(regions * torch.log(p) + (1 - regions) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(terms["ce"], bce, rtol=1e-4, atol=1e-5)
+    probs = m.sample(image, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (2, 2, 16, 16) and not torch.allclose(probs.sum(1), torch.ones(2, 16, 16))
+
+
+# -- sampling (Algorithm 2 with DDIM) -------------------------------------------------------------------------------
+def test_sample_mean_and_std_over_independent_chains(arch, spatial):
+    m = _model(arch, spatial)
+    image = torch.randn(2, 2, *spatial, generator=torch.Generator().manual_seed(5))
+    probs, unc = m.sample(image, steps=2, samples=3, generator=torch.Generator().manual_seed(1), chunk=2,
+                          return_uncertainty=True)
+    # by hand: all S initial latents drawn first, each chain: eps -> clipped x0 -> DDIM step, decode, softmax
+    z_i = m.encode_image(image)
+    noise = torch.randn((2, 3, *z_i.shape[1:]), generator=torch.Generator().manual_seed(1))
+    chains = []
+    for k in range(3):
+        z = noise[:, k]
+        for t, t_prev in ((999, 0), (0, -1)):
+            tt = torch.full((2,), t)
+            eps = m.denoiser(torch.cat([z, z_i], 1), tt)
+            ab, ab_prev = m.process.alpha_bar(t), m.process.alpha_bar(t_prev)
+            x0 = ((z - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-5, 5)
+            z = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * (z - ab.sqrt() * x0) / (1 - ab).sqrt()
+        chains.append(torch.softmax(m.label_decoder(z), 1))
+    chains = torch.stack(chains)
+    torch.testing.assert_close(probs, chains.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unc, chains.std(0, unbiased=False).mean(1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert probs.shape == (2, 3, *spatial) and unc.shape == (2, 1, *spatial)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, *spatial))
+
+
+def test_chunking_does_not_change_the_samples(arch, spatial):
+    m = _model(arch, spatial)
+    image = torch.randn(1, 2, *spatial)
+    ref = m.sample(image, 2, 4, generator=torch.Generator().manual_seed(7), chunk=4, return_uncertainty=True)
+    for chunk in (1, 3):
+        got = m.sample(image, 2, 4, generator=torch.Generator().manual_seed(7), chunk=chunk, return_uncertainty=True)
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1])
+
+
+def test_image_encoder_runs_once_per_window(arch, spatial):
+    m = _model(arch, spatial)
+    calls = []
+    m.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    _, unc = m.sample(torch.randn(1, 2, *spatial), steps=4, samples=3, chunk=2, return_uncertainty=True)
+    assert len(calls) == 1
+    assert m.sample(torch.randn(1, 2, *spatial), 2, 1, return_uncertainty=True)[1] is None  # no spread from 1
+
+
+def test_sampler_seeded_regression():
+    """Pinned output of the 2-step DDIM sampler with 3 chains (guards process, clipping, decoder, aggregation)."""
+    from tests.conftest import ARCH_2D
+    m = _model(ARCH_2D, (16, 16), channels=1, classes=3)
+    x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
+    probs, unc = m.sample(x, steps=2, samples=3, generator=torch.Generator().manual_seed(0),
+                          return_uncertainty=True)
+    got = [round(v, 4) for v in (probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item())]
+    assert got == pytest.approx(REGRESSION, abs=2e-4)
+
+
+REGRESSION = [0.3889, 0.3578, 0.0704]
+
+
+# -- CLIs end to end -------------------------------------------------------------------------------------------------
+IDS = {2: 841, 3: 842}
+NAMES = {2: "Dataset841_Synthetic2D", 3: "Dataset842_Synthetic3D"}
+CONFIG = {2: "2d", 3: "3d_fullres"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import json
+    import os
+
+    from diffnnunet.cli import plan_and_preprocess
+    from diffnnunet.datasets.synthetic import make_dataset
+    root = tmp_path_factory.mktemp("nnunet_ldseg")
+    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    old = {k: os.environ.get(k) for k in paths}
+    os.environ.update(paths)
+    for d in (2, 3):
+        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
+    for d in (2, 3):  # LDSegPlans alone (its 2d/3d_fullres data identifiers are nnU-Net's), one configuration
+        plan_and_preprocess.main(["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "ldseg",
+                                  "--no_baseline"])
+    for d in (2, 3):  # a cheap validation sampling keeps the final validation fast on CPU
+        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "LDSegPlans.json")
+        plans = json.load(open(plans_file))
+        for cfg in plans["configurations"].values():
+            if "diffusion" in cfg:
+                cfg["diffusion"].update(samples_per_step=2)
+        json.dump(plans, open(plans_file, "w"))
+    yield paths
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_cli_plan_train_predict(env, dim, tmp_path):
+    import json
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from diffnnunet.cli import predict, train
+    plans = json.load(open(os.path.join(env["nnUNet_preprocessed"], NAMES[dim], "LDSegPlans.json")))
+    cfg = plans["configurations"][CONFIG[dim]]
+    section = cfg["diffusion"]
+    assert section["method"] == "ldseg" and section["sampling_steps"] == 2
+    assert section["multiclass"] == "categorical"  # resolved from dataset.json: exclusive labels -> softmax
+    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"])[0]
+    factor = total_stride(section["latent_strides"])
+    assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))
+    train.main([str(IDS[dim]), "LDSegTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
+                "--val-iterations", "1"])
+    fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"LDSegTrainer__LDSegPlans__{CONFIG[dim]}", "fold_0")
+    for f in ("checkpoint_final.pth", "validation/summary.json"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    out = str(tmp_path / "pred")
+    images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
+    predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "LDSegTrainer", "-f", "0", "-device", "cpu",
+                  "--save_uncertainty", "--save_probabilities", "--samples", "3"])
+    for case in sorted({f[:-12] for f in os.listdir(images)}):
+        src = sitk.ReadImage(os.path.join(images, case + "_0000.nii.gz"))
+        for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
+            img = sitk.ReadImage(path)
+            assert img.GetSize() == src.GetSize()
+            for a, b in ((img.GetSpacing(), src.GetSpacing()), (img.GetOrigin(), src.GetOrigin()),
+                         (img.GetDirection(), src.GetDirection())):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2}
+        unc = sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz"))
+        arr = sitk.GetArrayFromImage(unc)
+        assert unc.GetPixelID() == sitk.sitkFloat32 and arr.min() >= 0 and arr.max() <= 0.5 + 1e-3  # a std of p
+        assert arr.max() > 0  # three chains of an untrained model disagree somewhere
+        probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
+        assert probs.shape[0] == 3
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
