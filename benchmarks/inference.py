@@ -1,7 +1,7 @@
 """Sliding-window inference cost of diffnnunet's diffusion predictor against stock nnU-Net, in one run, on the same
 preprocessed 3D case and the same plans (patch, topology, step size, Gaussian blending).
 
-Modes, each run in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own:
+Modes, each run in a fresh subprocess so that its peak resident memory (VmHWM) is its own:
 
   a  nnUNetPredictor + PlainConvUNet with the diffusion plans' topology, mirroring off
   b  the same with nnU-Net's default mirroring (all axes: 8 passes per window in 3D)
@@ -73,8 +73,13 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over exec from the parent
+    (the driver that spawned the worker), so every worker would report the driver's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def naive_diff_unet_sample(method, image, steps, samples, generator=None, chunk=None, return_uncertainty=False):
