@@ -240,18 +240,20 @@ class LDSeg(DiffusionMethod):
         z_i = self.encode_image(image)
         noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=torch.float32)
         timesteps = self.process.set_timesteps(steps)
-        p_sum = p_sq = None
+        shift = d_sum = d_sq = None  # sums of p - shift (the first chain): no cancellation in the variance
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             z = self._ddim(noise[:, start:start + n].reshape(b * n, *z_i.shape[1:]), z_i.repeat_interleave(n, 0),
                            timesteps, generator)
             p = self.to_probabilities(self.decode(z)).reshape(b, n, self.num_classes, *image.shape[2:])
-            p_sum = p.sum(1) if p_sum is None else p_sum + p.sum(1)
-            p_sq = (p ** 2).sum(1) if p_sq is None else p_sq + (p ** 2).sum(1)
-        mean = p_sum / s
+            shift = p[:, 0] if shift is None else shift
+            d = p - shift[:, None]
+            d_sum = d.sum(1) if d_sum is None else d_sum + d.sum(1)
+            d_sq = (d ** 2).sum(1) if d_sq is None else d_sq + (d ** 2).sum(1)
+        mean = shift + d_sum / s
         if not return_uncertainty:
             return mean
         if s < 2:
             return mean, None
-        std = (p_sq / s - mean ** 2).clamp(min=0).sqrt()
+        std = (d_sq / s - (d_sum / s) ** 2).clamp(min=0).sqrt()
         return mean, std.mean(1, keepdim=True)
