@@ -24,6 +24,7 @@ worst over the diffusion trainers, N is d/c for Diff-UNet, T is DiffUNetTrainer'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -180,7 +181,7 @@ def run_worker(spec: dict) -> dict:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     if mode == "c":  # one denoiser forward on one window, batch 1, conditioning precomputed
         window = data[(slice(None), *[slice(0, p) for p in cm.patch_size])][None].to(device)
-        with torch.inference_mode(), (torch.autocast("cuda") if device.type == "cuda" else _null()):
+        with torch.inference_mode(), (torch.autocast("cuda") if device.type == "cuda" else contextlib.nullcontext()):
             forward = network.to(device).benchmark_forward(window)
             times = []
             for _ in range(4):
@@ -193,18 +194,9 @@ def run_worker(spec: dict) -> dict:
     return out
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # -- the driver ------------------------------------------------------------------------------------------------------
 def prepare(args) -> dict:
     """Generate the dataset, plan (all plans) and preprocess 3d_fullres; returns paths and the diffusion plans."""
-    import contextlib
     import io
 
     from diffnnunet.cli.plan_and_preprocess import plan_and_preprocess_dataset

@@ -9,8 +9,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from diffnnunet.cli import plan_and_preprocess, predict, train
-from diffnnunet.datasets.synthetic import make_dataset
+from diffnnunet.cli import predict, train
 from diffnnunet.methods import METHODS, BerDiff
 from diffnnunet.methods.berdiff import sample_disagreement
 from diffnnunet.networks import resolve_arch_kwargs
@@ -18,6 +17,7 @@ from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.processes import BernoulliProcess
 from diffnnunet.trainers import TRAINERS, default_plans_for
 from diffnnunet.utils import expand_to
+from tests.helpers import image_geometry, synthetic_cli_env
 
 
 def _model(arch, channels=2, classes=3, **diffusion):
@@ -136,31 +136,11 @@ CONFIG = {2: "2d", 3: "3d_fullres"}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet_berdiff")
-    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    old = {k: os.environ.get(k) for k in paths}
-    os.environ.update(paths)
-    for d in (2, 3):
-        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
-                              "-methods", "berdiff", "--no_baseline"])
-    for d in (2, 3):
-        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "BerDiffPlans.json")
-        plans = json.load(open(plans_file))
-        for cfg in plans["configurations"].values():
-            cfg["diffusion"].update(sampling_steps=2, samples_per_step=2)
-        json.dump(plans, open(plans_file, "w"))
-    yield paths
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _geometry(path):
-    img = sitk.ReadImage(path)
-    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    yield from synthetic_cli_env(
+        tmp_path_factory.mktemp("nnunet_berdiff"), IDS,
+        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "berdiff",
+          "--no_baseline"]],
+        "BerDiffPlans", sampling_steps=2, samples_per_step=2)
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
@@ -177,9 +157,9 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
     predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "BerDiffTrainer", "-f", "0", "-device", "cpu",
                   "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "2"])
     for case in sorted({f[:-12] for f in os.listdir(images)}):
-        src = _geometry(os.path.join(images, case + "_0000.nii.gz"))
+        src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
         for name in (case + ".nii.gz", case + "_uncertainty.nii.gz"):
-            got = _geometry(os.path.join(out, name))
+            got = image_geometry(os.path.join(out, name))
             assert got[0] == src[0], name
             for a, b in zip(got[1:], src[1:]):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffnnunet.cli import plan_and_preprocess, predict, train
-from diffnnunet.datasets.synthetic import make_dataset
+from diffnnunet.cli import predict, train
+from tests.helpers import image_geometry, synthetic_cli_env
 
 IDS = {2: 812, 3: 813}
 NAMES = {2: "Dataset812_Synthetic2D", 3: "Dataset813_Synthetic3D"}
@@ -20,27 +20,10 @@ CONFIG = {2: "2d", 3: "3d_fullres"}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet")
-    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    old = {k: os.environ.get(k) for k in paths}
-    os.environ.update(paths)
-    for d in (2, 3):
-        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    plan_and_preprocess.main(["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2",
-                              "-methods", "diff_unet"])
-    for d in (2, 3):  # fewer sampling steps keep the final validation and prediction fast on CPU
-        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "DiffnnUNetPlans.json")
-        plans = json.load(open(plans_file))
-        for cfg in plans["configurations"].values():
-            if "diffusion" in cfg:
-                cfg["diffusion"].update(sampling_steps=2, samples_per_step=2)
-        json.dump(plans, open(plans_file, "w"))
-    yield paths
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    yield from synthetic_cli_env(
+        tmp_path_factory.mktemp("nnunet"), IDS,
+        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
+        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2)
 
 
 def _fail(main, argv, capsys):
@@ -59,11 +42,6 @@ def _train(dim, trainer="DiffUNetTrainer", fold="0", extra=()):
                 "--val-iterations", "1", *extra])
 
 
-def _geometry(path):
-    img = sitk.ReadImage(path)
-    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-
-
 def test_plans_have_diffusion_section_and_baseline(env):
     for d in (2, 3):
         pre = os.path.join(env["nnUNet_preprocessed"], NAMES[d])
@@ -79,7 +57,7 @@ def test_plans_have_diffusion_section_and_baseline(env):
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
-def test_train_predict_keeps_input_geometry(env, dim, tmp_path):
+def test_train_predict_keeps_inputimage_geometry(env, dim, tmp_path):
     _train(dim)
     fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"DiffUNetTrainer__DiffnnUNetPlans__{CONFIG[dim]}",
                         "fold_0")
@@ -93,13 +71,13 @@ def test_train_predict_keeps_input_geometry(env, dim, tmp_path):
                   "-device", "cpu", "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "1"])
     cases = sorted({f[:-12] for f in os.listdir(images)})
     for case in cases:
-        src = _geometry(os.path.join(images, case + "_0000.nii.gz"))
+        src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
         seg = os.path.join(out, case + ".nii.gz")
         unc = os.path.join(out, case + "_uncertainty.nii.gz")
-        assert _geometry(seg)[0] == src[0]
-        for a, b in zip(_geometry(seg)[1:], src[1:]):
+        assert image_geometry(seg)[0] == src[0]
+        for a, b in zip(image_geometry(seg)[1:], src[1:]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-        for a, b in zip(_geometry(unc), src):
+        for a, b in zip(image_geometry(unc), src):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         labels = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(seg)))
         assert set(labels.tolist()) <= {0, 1, 2}

@@ -9,6 +9,7 @@ from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+from tests.helpers import synthetic_cli_env
 
 NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
                  conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 7,
@@ -250,33 +251,12 @@ CONFIG = {2: "2d", 3: "3d_fullres"}
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    import json
-    import os
-
-    from diffnnunet.cli import plan_and_preprocess
-    from diffnnunet.datasets.synthetic import make_dataset
-    root = tmp_path_factory.mktemp("nnunet_ldseg")
-    paths = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    old = {k: os.environ.get(k) for k in paths}
-    os.environ.update(paths)
-    for d in (2, 3):
-        make_dataset(paths["nnUNet_raw"], IDS[d], dim=d, seed=d)
-    for d in (2, 3):  # LDSegPlans alone (its 2d/3d_fullres data identifiers are nnU-Net's), one configuration
-        plan_and_preprocess.main(["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "ldseg",
-                                  "--no_baseline"])
-    for d in (2, 3):  # a cheap validation sampling keeps the final validation fast on CPU
-        plans_file = os.path.join(paths["nnUNet_preprocessed"], NAMES[d], "LDSegPlans.json")
-        plans = json.load(open(plans_file))
-        for cfg in plans["configurations"].values():
-            if "diffusion" in cfg:
-                cfg["diffusion"].update(samples_per_step=2)
-        json.dump(plans, open(plans_file, "w"))
-    yield paths
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    # LDSegPlans alone (its 2d/3d_fullres data identifiers are nnU-Net's), one configuration per dataset; a cheap
+    # sampling keeps the final validation fast on CPU
+    yield from synthetic_cli_env(
+        tmp_path_factory.mktemp("nnunet_ldseg"), IDS,
+        [["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "ldseg", "--no_baseline"] for d in (2, 3)],
+        "LDSegPlans", samples_per_step=2)
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])

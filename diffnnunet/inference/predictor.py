@@ -117,7 +117,9 @@ class DiffusionPredictor(nnUNetPredictor):
     def windows_per_forward(self) -> int:
         """Windows sampled together: the plans' ``inference_batch`` (network inputs per forward that fit the memory
         budget) divided by the samples run per forward; at least 1."""
-        budget = int(self.diffusion.get("inference_batch") or 2 * self.configuration_manager.batch_size)
+        from diffnnunet.planners.diffusion_planner import INFERENCE_SAMPLES_PER_TRAINING_SAMPLE
+        budget = int(self.diffusion.get("inference_batch")
+                     or INFERENCE_SAMPLES_PER_TRAINING_SAMPLE * self.configuration_manager.batch_size)
         chunk = min(self.samples_per_step, int(self.diffusion.get("samples_per_forward") or self.samples_per_step))
         return max(1, budget // max(1, chunk))
 

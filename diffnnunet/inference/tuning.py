@@ -46,17 +46,13 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
 
 
 def _counts(pred: np.ndarray, ref: np.ndarray, label_manager) -> np.ndarray:
-    """(n_classes, 3) tp/fp/fn of label maps ``pred`` and ``ref`` (preprocessed geometry) per foreground class."""
-    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    """(n_classes, 3) tp/fp/fn of label maps ``pred`` and ``ref`` (preprocessed geometry) per foreground class,
+    counted by nnU-Net's own evaluation functions."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
     classes = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     ignore = None if label_manager.ignore_label is None else ref == label_manager.ignore_label
-    out = np.zeros((len(classes), 3), dtype=np.int64)
-    for i, c in enumerate(classes):
-        r, p = region_or_label_to_mask(ref, c), region_or_label_to_mask(pred, c)
-        if ignore is not None:
-            r, p = r & ~ignore, p & ~ignore
-        out[i] = ((r & p).sum(), (~r & p).sum(), (r & ~p).sum())
-    return out
+    return np.array([compute_tp_fp_fn_tn(region_or_label_to_mask(ref, c), region_or_label_to_mask(pred, c),
+                                         ignore)[:3] for c in classes], dtype=np.int64).reshape(len(classes), 3)
 
 
 def _dice(counts: np.ndarray) -> float:

@@ -89,8 +89,7 @@ class DiffusionPlanner(ExperimentPlanner):
             labels = LabelManager(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
             settings["multiclass"] = "per_channel" if labels.has_regions else "categorical"
         settings["inference_batch"] = int(plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)
-        settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"],
-                                                         plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)))
+        settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"], settings["inference_batch"])))
         return METHODS[self.method].configure_plans(settings, deepcopy(plan))
 
     def generate_data_identifier(self, configuration_name: str) -> str:
