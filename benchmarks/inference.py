@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainers", nargs="+", default=None, help="diffusion trainers (default: every registered one)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="time only the first N windows of every mode and extrapolate seconds per case to all "
-                        "windows (marked '*'; for CPU runs of big cases)")
+                        "windows (marked '*'; for CPU runs of big cases; --quick: 2, 0 = all)")
     p.add_argument("--no-training", action="store_true", help="skip the training-iteration measurement")
+    p.add_argument("--train-trainers", nargs="+", default=None,
+                   help="diffusion trainers whose training iterations are timed (default: those of --trainers; "
+                        "--quick: DiffUNetTrainer, the one with a target)")
     p.add_argument("--train-iterations", type=int, default=None, help="timed training iterations (default 6; "
                                                                       "--quick: 4)")
     p.add_argument("--keep", action="store_true", help="keep the temporary nnU-Net folders")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -121,7 +122,7 @@ def run_worker(spec: dict) -> dict:
         """Mode d: one window per call, and the naive sampler inside it."""
         windows_per_forward = 1
 
-        def _sample_windows(self, x):
+        def _sample_windows_mirrored(self, x):
             return naive_diff_unet_sample(self.network, x, self.sampling_steps, self.samples_per_step,
                                           self.generator), None
 
@@ -143,10 +144,11 @@ def run_worker(spec: dict) -> dict:
     mode = spec["mode"]
     common = dict(tile_step_size=0.5, use_gaussian=True, perform_everything_on_device=True, device=device,
                   verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    if mode in ("a", "b"):
-        predictor = nnUNetPredictor(use_mirroring=mode == "b", **common)
-    else:
-        predictor = (NaiveDiffUNetPredictor if mode == "d" else DiffusionPredictor)(use_mirroring=False, **common)
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's 'only supported for cuda' notice on CPU
+        if mode in ("a", "b"):
+            predictor = nnUNetPredictor(use_mirroring=mode == "b", **common)
+        else:
+            predictor = (NaiveDiffUNetPredictor if mode == "d" else DiffusionPredictor)(use_mirroring=False, **common)
     predictor.manual_initialization(network, plans, cm, [network.state_dict()], dataset_json, spec["trainer"],
                                     (0, 1, 2))
     all_slicers = predictor._internal_get_sliding_window_slicers
@@ -197,7 +199,6 @@ def run_worker(spec: dict) -> dict:
 # -- the driver ------------------------------------------------------------------------------------------------------
 def prepare(args) -> dict:
     """Generate the dataset, plan (all plans) and preprocess 3d_fullres; returns paths and the diffusion plans."""
-    import io
 
     from diffnnunet.cli.plan_and_preprocess import plan_and_preprocess_dataset
     from diffnnunet.datasets.synthetic import make_dataset
@@ -210,13 +211,41 @@ def prepare(args) -> dict:
     return {"name": name, "pre": os.path.join(os.environ["nnUNet_preprocessed"], name)}
 
 
+_PRELOAD = ["torch", "nnunetv2.inference.predict_from_raw_data", "nnunetv2.training.dataloading.nnunet_dataset",
+            "diffnnunet.inference", "diffnnunet.trainers"]
+
+
+def _worker_entry(spec: dict, conn) -> None:
+    import traceback
+    import warnings
+    warnings.simplefilter("ignore")
+    try:
+        conn.send(run_worker(spec))
+    except BaseException:
+        conn.send({"error": traceback.format_exc()[-3000:]})
+    finally:
+        conn.close()
+
+
 def spawn(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker {spec['mode']} {spec['trainer']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run one mode in a fresh process forked from a fork server that has imported torch, nnU-Net and diffnnunet
+    once (about 10 s per worker otherwise) and never computed anything (so forking is safe with OpenMP). The child
+    is a new process: its peak RSS (VmHWM) starts at the server's imported footprint, like a fresh interpreter's."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker_entry, args=(spec, send))
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = {"error": f"exit code {proc.join() or proc.exitcode}"}
+    proc.join()
+    if "error" in result:
+        raise SystemExit(f"worker {spec['mode']} {spec['trainer']} failed:\n{result['error']}")
+    return result
 
 
 def fmt(v: float) -> str:
@@ -225,12 +254,11 @@ def fmt(v: float) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return 0
     args.shape = args.shape or ([20, 48, 48] if args.quick else [160, 256, 256])
     args.gpu_memory_target = args.gpu_memory_target or (0.1 if args.quick else 8.0)
     args.num_train = 6
+    if args.max_windows is None and args.quick:
+        args.max_windows = 2
     for k, v in (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "2"), ("nnUNet_compile", "false")):
         os.environ.setdefault(k, v)
     root = tempfile.mkdtemp(prefix="diffnnunet_bench_inference_")
@@ -248,7 +276,7 @@ def main(argv=None) -> int:
         print(f"Inference benchmark: {dev}, torch {torch.__version__}; case {'x'.join(map(str, args.shape))} "
               f"(make_dataset, 2 channels, 3 labels, 1 mm), planned for {args.gpu_memory_target:g} GB "
               f"(prepared in {time.perf_counter() - start:.0f} s)", flush=True)
-        base = {"device": args.device, "threads": args.threads, "max_windows": args.max_windows,
+        base = {"device": args.device, "threads": args.threads, "max_windows": args.max_windows or None,
                 "dataset_json": os.path.join(info["pre"], "dataset.json")}
         rows, summary, baselines = [], {}, {}
         for trainer in diffusion:
@@ -288,7 +316,9 @@ def main(argv=None) -> int:
                      for t, s in summary.items()])
         train_ratio = float("nan")
         if not args.no_training:
-            ratios = train_ratios(info["name"], diffusion, args.device, args.threads,
+            timed = args.train_trainers or (["DiffUNetTrainer"] if args.quick and "DiffUNetTrainer" in diffusion
+                                            else diffusion)
+            ratios = train_ratios(info["name"], timed, args.device, args.threads,
                                   args.train_iterations or (4 if args.quick else 6))
             print()
             print_table(["trainer", "s/iter", "nnUNetTrainer s/iter (same plans)", "ratio"],

@@ -4,6 +4,7 @@ import torch
 
 from diffnnunet.inference import probabilities_to_logits
 from diffnnunet.inference.export import normalized_entropy
+from diffnnunet.inference.predictor import autocast_dtype
 
 
 def test_regions_round_trip_through_sigmoid(dim, spatial):
@@ -43,11 +44,12 @@ class _Deterministic(torch.nn.Module):
         return torch.sigmoid(self.conv(x))
 
     def sample(self, x, steps, samples, generator=None, chunk=None, return_uncertainty=False):
+        self.autocast_seen = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
         p = self(x)
         return (p, p[:, :1] * 0.5) if return_uncertainty else p
 
 
-def _predictors(dim):
+def _predictors(dim, **kwargs):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from diffnnunet.inference import DiffusionPredictor
@@ -58,7 +60,7 @@ def _predictors(dim):
     out = []
     for cls in (nnUNetPredictor, DiffusionPredictor):
         p = cls(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False,
-                perform_everything_on_device=False)
+                perform_everything_on_device=False, **(kwargs if cls is DiffusionPredictor else {}))
         p.network, p.label_manager, p.configuration_manager = net, lm, cm
         if cls is DiffusionPredictor:
             p.diffusion = {"sampling_steps": 1, "samples_per_step": 1, "samples_per_forward": 1}
@@ -97,3 +99,54 @@ def test_batched_windows_blend_like_nnunet(dim):
 def test_categorical_probabilities_go_through_log():
     p = torch.tensor([0.7, 0.2, 0.1]).reshape(3, 1)
     torch.testing.assert_close(torch.softmax(probabilities_to_logits(p, False, "categorical"), 0), p)
+
+
+def test_autocast_dtype_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu) is None  # auto: float32 off CUDA
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16 and autocast_dtype(cpu, "fp16") is torch.float16
+    assert autocast_dtype(cuda, "fp32") is None
+    with pytest.raises(ValueError, match="precision 'int8'"):
+        autocast_dtype(cpu, "int8")
+
+
+@pytest.mark.parametrize("precision,expected", [("fp32", False), ("bf16", torch.bfloat16)])
+def test_sampler_runs_under_the_requested_autocast(dim, precision, expected):
+    _, ours = _predictors(dim, precision=precision)
+    windows = torch.randn(2, 2, *((12, 10) if dim == 2 else (4, 12, 10)))
+    with torch.inference_mode():
+        probs, _ = ours._sample_windows(windows)
+    assert ours.network.autocast_seen == expected
+    assert probs.shape == (2, 3, *windows.shape[2:])
+
+
+def test_bf16_sampling_stays_close_to_float32(arch, spatial):
+    """A real sampler under bfloat16 autocast: changed (the autocast took effect), but only at bf16's precision."""
+    from diffnnunet.methods import DiffUNet
+    torch.manual_seed(0)
+    method = DiffUNet(arch, 2, 3, {"timesteps": 1000}).eval()
+    image = torch.randn(1, 2, *spatial)
+    out = {}
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out[dtype] = method.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(1))
+    assert out[torch.bfloat16].dtype == torch.float32
+    assert not torch.equal(out[None], out[torch.bfloat16])
+    torch.testing.assert_close(out[torch.bfloat16], out[None], atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("method_name", ["diff_unet", "ldseg"])
+def test_compile_targets_the_per_step_modules(arch, method_name):
+    """``compile=True`` compiles the modules run at every step (LDSeg: the latent denoiser only, not the encoders),
+    and nnU-Net's whole-network compile (``nnUNet_compile``) is undone, since the sampler never calls forward()."""
+    from diffnnunet.methods import METHODS
+    _, ours = _predictors(2 if "Conv2d" in arch["conv_op"] else 3, compile=True)
+    assert ours.compile_steps
+    method = METHODS[method_name](arch, 2, 3, {"timesteps": 1000}).eval()
+    ours.network = torch.compile(method)
+    ours._prepare_sampler_network()
+    assert ours.network is method
+    compiled = [m for m in method.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == method.step_modules()
+    if method_name == "ldseg":
+        assert compiled == [method.denoiser]

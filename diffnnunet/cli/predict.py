@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time mirroring for diffusion models (off by default: the samples already ensemble)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring for nnUNetTrainer models")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="sampler autocast (default auto: bf16 on CUDA where supported, else fp16; fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the per-step networks (pays off on CUDA for many windows; also "
+                        "nnUNet_compile=true)")
     p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's .npz/.pkl")
     p.add_argument("--save_uncertainty", action="store_true",
                    help="also write CASE_uncertainty (float32, larger = less certain: the method's own map, else "
@@ -95,7 +100,8 @@ def main(argv=None):
     predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                    use_mirroring=(args.mirror or not args.disable_tta), device=device,
                                    steps=args.steps, samples=args.samples, seed=args.seed,
-                                   save_uncertainty=args.save_uncertainty, allow_tqdm=True)
+                                   save_uncertainty=args.save_uncertainty, allow_tqdm=True,
+                                   precision=args.precision, compile=args.compile or None)
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror

@@ -7,7 +7,9 @@ probabilities. Stock nnU-Net models pass straight through.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 from functools import partial
 
 import torch
@@ -21,6 +23,23 @@ from diffnnunet.inference.export import export_prediction_atomically
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
 _EPS = 1e-6
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The sampler's autocast dtype: ``bf16``/``fp16`` as asked, None for ``fp32``; ``auto`` is bf16 on CUDA
+    devices that support it (no float16 overflow of large logits), else fp16 on CUDA, and fp32 off CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' (known: {', '.join(PRECISIONS)})")
+    if precision != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("true", "1", "t")
 
 
 def probabilities_to_logits(probs: torch.Tensor, has_regions: bool, kind: str = "per_channel") -> torch.Tensor:
@@ -43,12 +62,17 @@ class DiffusionPredictor(nnUNetPredictor):
     """``steps``/``samples`` override the sampling budget, which is otherwise the model folder's tuned one
     (``sampling.json``, see :mod:`diffnnunet.inference.tuning`; ignored with ``use_tuned_sampling=False``) or else
     the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a prediction reproducible (one generator,
-    advanced window by window)."""
+    advanced window by window). ``precision`` is the sampler's autocast (:func:`autocast_dtype`); ``compile``
+    runs ``torch.compile`` on the method's per-step modules (``step_modules()``; None: nnU-Net's ``nnUNet_compile``
+    environment variable decides)."""
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
-                 save_uncertainty: bool = False, use_tuned_sampling: bool = True, **kwargs):
+                 save_uncertainty: bool = False, use_tuned_sampling: bool = True, precision: str = "auto",
+                 compile: bool | None = None, **kwargs):
         kwargs.setdefault("allow_tqdm", True)
         super().__init__(*args, **kwargs)
+        self.autocast_dtype = autocast_dtype(self.device, precision)
+        self.compile_steps = _env_flag("nnUNet_compile") if compile is None else bool(compile)
         self.steps_override, self.samples_override, self.seed = steps, samples, seed
         self.save_uncertainty = save_uncertainty
         self.use_tuned_sampling = use_tuned_sampling
@@ -62,6 +86,18 @@ class DiffusionPredictor(nnUNetPredictor):
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
         self._configure_sampling()
+        if self.diffusion is not None:
+            self._prepare_sampler_network()
+
+    def _prepare_sampler_network(self):
+        """Undo nnU-Net's ``torch.compile(network)`` (it compiles ``forward``, which the sampler does not call as a
+        whole) and, with ``compile_steps``, compile the modules that run at every step instead (in place)."""
+        from torch._dynamo.eval_frame import OptimizedModule
+        if isinstance(self.network, OptimizedModule):
+            self.network = self.network._orig_mod
+        if self.compile_steps:
+            for module in self.network.step_modules():
+                module.compile(dynamic=False)
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth"):
@@ -126,6 +162,16 @@ class DiffusionPredictor(nnUNetPredictor):
     def _sample_windows(self, x: torch.Tensor):
         """Windows ``(K, C_in, *patch)`` -> (probabilities ``(K, C, *patch)``, uncertainty ``(K, 1, *patch)`` or
         None); with mirroring on, both are means over the mirrored samplings."""
+        with self._autocast():
+            return self._sample_windows_mirrored(x)
+
+    def _autocast(self):
+        """Inside nnU-Net's own autocast (float16 on CUDA): ours replaces it, or switches it off for fp32."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _sample_windows_mirrored(self, x: torch.Tensor):
         sample = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
                          generator=self.generator, chunk=self.diffusion.get("samples_per_forward"),
                          return_uncertainty=True)

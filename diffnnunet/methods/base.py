@@ -79,6 +79,11 @@ class DiffusionMethod(nn.Module):
     def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
+    def step_modules(self) -> list:
+        """The submodules whose forward runs at every sampling step (what ``torch.compile`` pays off on; the
+        predictor compiles them with ``compile=True``). Default: the whole method, called as ``self(...)``."""
+        return [self]
+
     def benchmark_forward(self, image: torch.Tensor):
         """A zero-argument callable running ONE network evaluation of the sampler (one sample, one step, the
         conditioning precomputed) on ``image`` ``(1, M, *patch)``: the unit benchmarks/inference.py counts."""

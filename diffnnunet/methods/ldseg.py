@@ -152,6 +152,10 @@ class LDSeg(DiffusionMethod):
         """eps_hat = f_denoiser(z_l(t), z_i, t) on concat(z_t, z_i) (Eqs. 12, 17): ``(B, C_l, *latent)``."""
         return self.denoiser(torch.cat([z_t, z_i.to(z_t.dtype)], dim=1), t)
 
+    def step_modules(self) -> list:
+        """Only the latent denoiser runs per step; the encoders run once per window, the decoder once per chain."""
+        return [self.denoiser]
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits of f_label-dec (Eq. 13): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``."""
         return self.label_decoder(z)
