@@ -1,7 +1,8 @@
 """Sliding-window inference cost of diffnnunet's diffusion predictor against stock nnU-Net, in one run, on the same
 preprocessed 3D case and the same plans (patch, topology, step size, Gaussian blending).
 
-Modes, each run in a fresh subprocess so that its peak resident memory (VmHWM) is its own:
+Modes, each run in a fresh process (forked from a preloaded fork server) so that its peak resident memory (VmHWM)
+is its own:
 
   a  nnUNetPredictor + PlainConvUNet with the diffusion plans' topology, mirroring off
   b  the same with nnU-Net's default mirroring (all axes: 8 passes per window in 3D)
@@ -14,11 +15,12 @@ Reported per mode: seconds per case (the sliding window on the preprocessed case
 blending; not the file reading/resampling, which are nnU-Net's own and identical for all modes), windows,
 network evaluations per window, seconds per evaluation, peak RSS. Ratios: c/a, c/b, d/c and
 efficiency = time(c) / (windows x evaluations per window x time of one denoiser forward on one window, batch 1).
-It then times training iterations (benchmarks/training.py) of every diffusion trainer against nnUNetTrainer on the
-same plans. The last line reads ``efficiency=E naive_speedup=N rss_ratio=R train_iter_ratio=T``: E and R are the
-worst over the diffusion trainers, N is d/c for Diff-UNet, T is DiffUNetTrainer's s/iteration over nnUNetTrainer's.
+It then times training iterations (benchmarks/training.py) of the diffusion trainers (--quick: DiffUNetTrainer)
+against nnUNetTrainer on the same plans. The last line reads
+``efficiency=E naive_speedup=N rss_ratio=R train_iter_ratio=T``: E and R are the worst over the diffusion trainers,
+N is d/c for Diff-UNet, T is DiffUNetTrainer's s/iteration over nnUNetTrainer's.
 
-    python benchmarks/inference.py --quick          # small generated case, about 2-3 min on 2 CPU cores
+    python benchmarks/inference.py --quick          # small generated case, 2 windows timed: ~2.5 min on 2 CPU cores
     python benchmarks/inference.py                  # realistic 160x256x256 case (long on CPU: see --max-windows)
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -42,7 +45,8 @@ CONFIG = "3d_fullres"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small generated case (finishes in ~3 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="small generated case, 2 windows timed (~2.5 min on 2 CPU cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per worker (default 1: multi-threaded CPU timings collapse when anything "
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None,
                    help="time only the first N windows of every mode and extrapolate seconds per case to all "
                         "windows (marked '*'; for CPU runs of big cases; --quick: 2, 0 = all)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="run the diffusion modes (c, d) with only N sampling steps and scale their time by "
+                        "steps/N (marked '+'; an upper bound for c, whose once-per-window encoder is scaled too)")
     p.add_argument("--no-training", action="store_true", help="skip the training-iteration measurement")
     p.add_argument("--train-trainers", nargs="+", default=None,
                    help="diffusion trainers whose training iterations are timed (default: those of --trainers; "
@@ -164,6 +171,11 @@ def run_worker(spec: dict) -> dict:
         evals = 2 ** len(cm.patch_size)
     else:
         evals = predictor.sampling_steps * predictor.samples_per_step
+    step_scale, timed_steps = 1.0, None
+    if mode in ("c", "d") and spec.get("max_steps") and spec["max_steps"] < predictor.sampling_steps:
+        timed_steps = spec["max_steps"]
+        step_scale = predictor.sampling_steps / timed_steps
+        predictor.steps_override = timed_steps
     rss_before = _rss_mb()
 
     def sync():
@@ -175,8 +187,9 @@ def run_worker(spec: dict) -> dict:
     with torch.inference_mode():
         predictor.predict_sliding_window_return_logits(data)
     sync()
-    seconds = (time.perf_counter() - t0) * n_windows / timed_windows
+    seconds = (time.perf_counter() - t0) * n_windows / timed_windows * step_scale
     out = {"seconds": seconds, "windows": n_windows, "timed_windows": timed_windows, "evals": evals,
+           "timed_steps": timed_steps,
            "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before, "patch": list(cm.patch_size),
            "shape": list(data.shape[1:])}
     if device.type == "cuda":
@@ -261,6 +274,7 @@ def main(argv=None) -> int:
         args.max_windows = 2
     for k, v in (("nnUNet_def_n_proc", "2"), ("nnUNet_n_proc_DA", "2"), ("nnUNet_compile", "false")):
         os.environ.setdefault(k, v)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the temporary folder is removed
     root = tempfile.mkdtemp(prefix="diffnnunet_bench_inference_")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[k] = os.path.join(root, k)
@@ -277,6 +291,7 @@ def main(argv=None) -> int:
               f"(make_dataset, 2 channels, 3 labels, 1 mm), planned for {args.gpu_memory_target:g} GB "
               f"(prepared in {time.perf_counter() - start:.0f} s)", flush=True)
         base = {"device": args.device, "threads": args.threads, "max_windows": args.max_windows or None,
+                "max_steps": args.max_steps,
                 "dataset_json": os.path.join(info["pre"], "dataset.json")}
         rows, summary, baselines = [], {}, {}
         for trainer in diffusion:
@@ -304,11 +319,14 @@ def main(argv=None) -> int:
         print()
         header = ["mode", "trainer", "patch", "windows", "evals/window", "s/case", "s/eval", "peak RSS MB"]
         table = [[m, t, "x".join(map(str, r["patch"])), r["windows"], r["evals"],
-                  fmt(r["seconds"]) + ("*" if r["timed_windows"] < r["windows"] else ""),
+                  fmt(r["seconds"]) + ("*" if r["timed_windows"] < r["windows"] else "")
+                  + ("+" if r.get("timed_steps") else ""),
                   fmt(r["seconds"] / (r["windows"] * r["evals"])), f"{r['peak_rss_mb']:.0f}"] for m, t, r in rows]
         print_table(header, table)
         if any(r["timed_windows"] < r["windows"] for _, _, r in rows):
             print(f"* extrapolated from the first {args.max_windows} windows")
+        if any(r.get("timed_steps") for _, _, r in rows):
+            print(f"+ extrapolated from {args.max_steps} sampling step(s) per chain")
         print()
         print_table(["trainer", "c/a", "c/b", "d/c", "t_forward s", "efficiency", "rss c/a"],
                     [[t, f"{s['c/a']:.1f}", f"{s['c/b']:.2f}", f"{s['d/c']:.2f}" if "d/c" in s else "",
