@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None,
                    help="time only the first N windows of every mode and extrapolate seconds per case to all "
                         "windows (marked '*'; for CPU runs of big cases; --quick: 2, 0 = all)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="run the diffusion modes (c, d) with only N sampling steps and scale their time by "
-                        "steps/N (marked '+'; an upper bound for c, whose once-per-window encoder is scaled too)")
+    p.add_argument("--fit-steps", action="store_true",
+                   help="time the diffusion modes (c, d) at 1 and 2 sampling steps (after a 1-step warm-up) and "
+                        "extrapolate to the plans' K steps: t1 + (K-1)(t2-t1), i.e. once-per-window cost plus K "
+                        "per-step costs (marked '+'; for CPU runs of the realistic case)")
     p.add_argument("--no-training", action="store_true", help="skip the training-iteration measurement")
     p.add_argument("--train-trainers", nargs="+", default=None,
                    help="diffusion trainers whose training iterations are timed (default: those of --trainers; "
@@ -171,25 +172,33 @@ def run_worker(spec: dict) -> dict:
         evals = 2 ** len(cm.patch_size)
     else:
         evals = predictor.sampling_steps * predictor.samples_per_step
-    step_scale, timed_steps = 1.0, None
-    if mode in ("c", "d") and spec.get("max_steps") and spec["max_steps"] < predictor.sampling_steps:
-        timed_steps = spec["max_steps"]
-        step_scale = predictor.sampling_steps / timed_steps
-        predictor.steps_override = timed_steps
     rss_before = _rss_mb()
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    sync()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        predictor.predict_sliding_window_return_logits(data)
-    sync()
-    seconds = (time.perf_counter() - t0) * n_windows / timed_windows * step_scale
+    def timed_case(steps=None) -> float:
+        if steps is not None:
+            predictor.steps_override = steps
+        sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            predictor.predict_sliding_window_return_logits(data)
+        sync()
+        return time.perf_counter() - t0
+
+    fitted = mode in ("c", "d") and spec.get("fit_steps") and predictor.sampling_steps > 2
+    if fitted:
+        k = predictor.sampling_steps
+        timed_case(1)  # warm-up: first-call allocations
+        t1, t2 = timed_case(1), timed_case(2)
+        elapsed = t1 + (k - 1) * max(t2 - t1, 0.0)
+    else:
+        elapsed = timed_case()
+    seconds = elapsed * n_windows / timed_windows
     out = {"seconds": seconds, "windows": n_windows, "timed_windows": timed_windows, "evals": evals,
-           "timed_steps": timed_steps,
+           "fitted_steps": bool(fitted),
            "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before, "patch": list(cm.patch_size),
            "shape": list(data.shape[1:])}
     if device.type == "cuda":
@@ -291,7 +300,7 @@ def main(argv=None) -> int:
               f"(make_dataset, 2 channels, 3 labels, 1 mm), planned for {args.gpu_memory_target:g} GB "
               f"(prepared in {time.perf_counter() - start:.0f} s)", flush=True)
         base = {"device": args.device, "threads": args.threads, "max_windows": args.max_windows or None,
-                "max_steps": args.max_steps,
+                "fit_steps": args.fit_steps,
                 "dataset_json": os.path.join(info["pre"], "dataset.json")}
         rows, summary, baselines = [], {}, {}
         for trainer in diffusion:
@@ -320,13 +329,13 @@ def main(argv=None) -> int:
         header = ["mode", "trainer", "patch", "windows", "evals/window", "s/case", "s/eval", "peak RSS MB"]
         table = [[m, t, "x".join(map(str, r["patch"])), r["windows"], r["evals"],
                   fmt(r["seconds"]) + ("*" if r["timed_windows"] < r["windows"] else "")
-                  + ("+" if r.get("timed_steps") else ""),
+                  + ("+" if r.get("fitted_steps") else ""),
                   fmt(r["seconds"] / (r["windows"] * r["evals"])), f"{r['peak_rss_mb']:.0f}"] for m, t, r in rows]
         print_table(header, table)
         if any(r["timed_windows"] < r["windows"] for _, _, r in rows):
             print(f"* extrapolated from the first {args.max_windows} windows")
-        if any(r.get("timed_steps") for _, _, r in rows):
-            print(f"+ extrapolated from {args.max_steps} sampling step(s) per chain")
+        if any(r.get("fitted_steps") for _, _, r in rows):
+            print("+ fitted from 1- and 2-step runs: t1 + (K-1)(t2-t1)")
         print()
         print_table(["trainer", "c/a", "c/b", "d/c", "t_forward s", "efficiency", "rss c/a"],
                     [[t, f"{s['c/a']:.1f}", f"{s['c/b']:.2f}", f"{s['d/c']:.2f}" if "d/c" in s else "",

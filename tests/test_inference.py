@@ -150,3 +150,20 @@ def test_compile_targets_the_per_step_modules(arch, method_name):
     assert compiled == method.step_modules()
     if method_name == "ldseg":
         assert compiled == [method.denoiser]
+
+
+def test_cpu_caps_inputs_per_forward_gpu_keeps_the_plans():
+    """On CPU a large patch runs one chain of one window per forward (compute-bound: batching only costs memory);
+    small patches keep the plans' batching; other devices always follow the plans."""
+    from diffnnunet.inference.predictor import CPU_VOXELS_PER_FORWARD
+    _, ours = _predictors(3)
+    ours.diffusion = {"sampling_steps": 10, "samples_per_step": 4, "samples_per_forward": 4, "inference_batch": 8}
+    ours.configuration_manager.patch_size = (4, 12, 10)
+    assert (ours.samples_per_forward, ours.windows_per_forward) == (4, 2)
+    ours.configuration_manager.patch_size = (64, 64, 64)
+    assert 64 ** 3 == CPU_VOXELS_PER_FORWARD
+    assert (ours.samples_per_forward, ours.windows_per_forward) == (1, 1)
+    ours.configuration_manager.patch_size = (32, 64, 64)  # two inputs fit: two chains, one window
+    assert (ours.samples_per_forward, ours.windows_per_forward) == (2, 1)
+    ours.device = torch.device("cuda")
+    assert (ours.samples_per_forward, ours.windows_per_forward) == (4, 2)
