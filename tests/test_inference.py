@@ -80,8 +80,9 @@ def test_batched_windows_blend_like_nnunet(dim):
     stock.use_gaussian = ours.use_gaussian = False
     with torch.inference_mode():
         ref = stock._internal_predict_sliding_window_return_logits(data, slicers, False).float()
+        voxels = int(np.prod(ours.configuration_manager.patch_size))
         for k in (1, 4):
-            ours.diffusion["inference_batch"] = k
+            ours.cpu_voxels_per_forward = k * voxels  # k network inputs per forward on CPU
             assert ours.windows_per_forward == k
             ours.save_uncertainty = True
             got = ours._internal_predict_sliding_window_return_logits(data, slicers, False).float()
@@ -152,16 +153,16 @@ def test_compile_targets_the_per_step_modules(arch, method_name):
         assert compiled == [method.denoiser]
 
 
-def test_cpu_caps_inputs_per_forward_gpu_keeps_the_plans():
-    """On CPU a large patch runs one chain of one window per forward (compute-bound: batching only costs memory);
-    small patches keep the plans' batching; other devices always follow the plans."""
+def test_cpu_sizes_inputs_per_forward_by_voxels_gpu_follows_the_plans():
+    """On CPU: as many network inputs per forward as fit CPU_VOXELS_PER_FORWARD voxels (small patches: chains and
+    several windows; a large patch: one chain of one window). Other devices follow the plans."""
     from diffnnunet.inference.predictor import CPU_VOXELS_PER_FORWARD
     _, ours = _predictors(3)
     ours.diffusion = {"sampling_steps": 10, "samples_per_step": 4, "samples_per_forward": 4, "inference_batch": 8}
-    ours.configuration_manager.patch_size = (4, 12, 10)
-    assert (ours.samples_per_forward, ours.windows_per_forward) == (4, 2)
+    ours.configuration_manager.patch_size = (4, 16, 16)
+    assert CPU_VOXELS_PER_FORWARD == 2 ** 18
+    assert (ours.samples_per_forward, ours.windows_per_forward) == (4, 2 ** 18 // 1024 // 4)
     ours.configuration_manager.patch_size = (64, 64, 64)
-    assert 64 ** 3 == CPU_VOXELS_PER_FORWARD
     assert (ours.samples_per_forward, ours.windows_per_forward) == (1, 1)
     ours.configuration_manager.patch_size = (32, 64, 64)  # two inputs fit: two chains, one window
     assert (ours.samples_per_forward, ours.windows_per_forward) == (2, 1)

@@ -23,7 +23,7 @@ from diffnnunet.inference.export import export_prediction_atomically
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
 _EPS = 1e-6
-#: network input voxels per sampler forward on CPU (see DiffusionPredictor._cpu_input_cap)
+#: network input voxels per sampler forward on CPU (see DiffusionPredictor._cpu_inputs_per_forward)
 CPU_VOXELS_PER_FORWARD = 2 ** 18
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -151,35 +151,40 @@ class DiffusionPredictor(nnUNetPredictor):
         return int(self.samples_override or self.diffusion["samples_per_step"])
 
     # -- the per-window call -----------------------------------------------------------------------------------
-    def _cpu_input_cap(self) -> int | None:
-        """On CPU, network inputs per forward are capped at ``CPU_VOXELS_PER_FORWARD`` voxels: batching pays there
-        only while per-call overhead dominates (small patches). For a large 3D patch a CPU is compute-bound, so
-        batching S chains gains nothing and multiplies the activation memory (measured on the realistic benchmark
-        case, 80x128x112: 4 chains per forward ran at 1.16x the batch-1 time per evaluation with 3.3x nnU-Net's
-        peak memory). None on GPUs, where the plans' memory budget decides."""
+    #: network input voxels per sampler forward on CPU (class default; see ``_cpu_inputs_per_forward``)
+    cpu_voxels_per_forward = CPU_VOXELS_PER_FORWARD
+
+    def _cpu_inputs_per_forward(self) -> int | None:
+        """On CPU the plans' GPU memory budget does not apply: network inputs per forward (chains x windows) are
+        ``cpu_voxels_per_forward`` // patch voxels, at least 1. A CPU is overhead-bound on small patches, where
+        larger batches pay (a 14x32x32 patch: 4 chains per forward cost 0.39x the batch-1 time per evaluation), and
+        compute-bound on large ones, where batching gains nothing and multiplies the activation memory (an
+        80x128x112 patch: 4 chains per forward cost 1.16x the batch-1 time per evaluation at 3.3x nnU-Net's peak
+        memory). None on other devices, where the plans decide."""
         if self.device.type != "cpu":
             return None
         voxels = 1
         for size in self.configuration_manager.patch_size:
             voxels *= int(size)
-        return max(1, CPU_VOXELS_PER_FORWARD // voxels)
+        return max(1, int(self.cpu_voxels_per_forward) // voxels)
 
     @property
     def samples_per_forward(self) -> int:
-        """Chains per forward: the plans' ``samples_per_forward`` (at most the samples), capped on CPU."""
-        chunk = min(self.samples_per_step, int(self.diffusion.get("samples_per_forward") or self.samples_per_step))
-        cap = self._cpu_input_cap()
-        return max(1, min(chunk, cap) if cap else chunk)
+        """Chains per forward: the plans' ``samples_per_forward`` (on CPU: what fits ``_cpu_inputs_per_forward``),
+        at most the number of samples."""
+        cpu = self._cpu_inputs_per_forward()
+        chunk = cpu if cpu else int(self.diffusion.get("samples_per_forward") or self.samples_per_step)
+        return max(1, min(self.samples_per_step, chunk))
 
     @property
     def windows_per_forward(self) -> int:
-        """Windows sampled together: the plans' ``inference_batch`` (network inputs per forward that fit the memory
-        budget; on CPU also capped, see ``_cpu_input_cap``) divided by the chains per forward; at least 1."""
+        """Windows sampled together: network inputs per forward (the plans' ``inference_batch``, what fits the
+        memory budget; on CPU ``_cpu_inputs_per_forward``) divided by the chains per forward; at least 1."""
         from diffnnunet.planners.diffusion_planner import INFERENCE_SAMPLES_PER_TRAINING_SAMPLE
-        budget = int(self.diffusion.get("inference_batch")
-                     or INFERENCE_SAMPLES_PER_TRAINING_SAMPLE * self.configuration_manager.batch_size)
-        cap = self._cpu_input_cap()
-        return max(1, (min(budget, cap) if cap else budget) // self.samples_per_forward)
+        budget = self._cpu_inputs_per_forward() or int(
+            self.diffusion.get("inference_batch")
+            or INFERENCE_SAMPLES_PER_TRAINING_SAMPLE * self.configuration_manager.batch_size)
+        return max(1, budget // self.samples_per_forward)
 
     def _sample_windows(self, x: torch.Tensor):
         """Windows ``(K, C_in, *patch)`` -> (probabilities ``(K, C, *patch)``, uncertainty ``(K, 1, *patch)`` or
