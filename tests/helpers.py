@@ -5,9 +5,16 @@ import os
 import SimpleITK as sitk
 
 from diffnnunet.cli import plan_and_preprocess
-from diffnnunet.datasets.synthetic import make_dataset
+from diffnnunet.datasets.synthetic import dataset_name, make_dataset
 
 ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+#: the configuration each CLI test trains per dimension
+CONFIG = {2: "2d", 3: "3d_fullres"}
+
+
+def dataset_names(ids: dict) -> dict:
+    """{dim: dataset id} -> {dim: folder name of the synthetic dataset}."""
+    return {dim: dataset_name(i, dim) for dim, i in ids.items()}
 
 
 def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, **diffusion):

@@ -17,7 +17,7 @@ from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.processes import BernoulliProcess
 from diffnnunet.trainers import TRAINERS, default_plans_for
 from diffnnunet.utils import expand_to
-from tests.helpers import image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
 
 
 def _model(arch, channels=2, classes=3, **diffusion):
@@ -130,8 +130,7 @@ def test_seeded_sampler_regression(arch, spatial, dim):
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------
 IDS = {2: 831, 3: 832}
-NAMES = {2: "Dataset831_Synthetic2D", 3: "Dataset832_Synthetic3D"}
-CONFIG = {2: "2d", 3: "3d_fullres"}
+NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")

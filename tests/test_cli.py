@@ -11,11 +11,10 @@ import pytest
 import SimpleITK as sitk
 
 from diffnnunet.cli import predict, train
-from tests.helpers import image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
 
 IDS = {2: 812, 3: 813}
-NAMES = {2: "Dataset812_Synthetic2D", 3: "Dataset813_Synthetic3D"}
-CONFIG = {2: "2d", 3: "3d_fullres"}
+NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
-from tests.helpers import synthetic_cli_env
+from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
 
 NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
                  conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 7,
@@ -245,8 +245,7 @@ REGRESSION = [0.3889, 0.3578, 0.0704]
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------
 IDS = {2: 841, 3: 842}
-NAMES = {2: "Dataset841_Synthetic2D", 3: "Dataset842_Synthetic3D"}
-CONFIG = {2: "2d", 3: "3d_fullres"}
+NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")

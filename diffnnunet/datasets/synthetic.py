@@ -49,6 +49,11 @@ def _write(array, path, spacing, origin, direction):
     sitk.WriteImage(image, path, True)
 
 
+def dataset_name(dataset_id: int, dim: int) -> str:
+    """The folder name ``make_dataset`` gives a synthetic dataset: ``DatasetXXX_Synthetic{dim}D``."""
+    return f"Dataset{dataset_id:03d}_Synthetic{dim}D"
+
+
 def make_dataset(raw_root: str, dataset_id: int, dim: int = 3, num_train: int = 6, num_test: int = 2,
                  num_channels: int = 2, shape=None, spacing=None, seed: int = 0, name: str | None = None) -> str:
     """Write ``DatasetXXX_Synthetic{dim}D`` under ``raw_root``; returns its folder. ``imagesTs``/``labelsTs`` hold
@@ -58,7 +63,7 @@ def make_dataset(raw_root: str, dataset_id: int, dim: int = 3, num_train: int = 
     spacing = tuple(spacing or ((0.8, 0.7, 2.5) if dim == 3 else (0.7, 1.1)))
     origin = (12.5, -3.0, 7.0)[:dim]
     direction = _rotation(dim)
-    name = name or f"Dataset{dataset_id:03d}_Synthetic{dim}D"
+    name = name or dataset_name(dataset_id, dim)
     folder = os.path.join(raw_root, name)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
