@@ -262,9 +262,10 @@ def spawn(spec: dict) -> dict:
     send.close()
     try:
         result = receive.recv()
-    except EOFError:
-        result = {"error": f"exit code {proc.join() or proc.exitcode}"}
+    except EOFError:  # the worker died without a word (killed, out of memory)
+        result = None
     proc.join()
+    result = result or {"error": f"exit code {proc.exitcode}"}
     if "error" in result:
         raise SystemExit(f"worker {spec['mode']} {spec['trainer']} failed:\n{result['error']}")
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 from functools import partial
 
@@ -163,9 +164,7 @@ class DiffusionPredictor(nnUNetPredictor):
         memory). None on other devices, where the plans decide."""
         if self.device.type != "cpu":
             return None
-        voxels = 1
-        for size in self.configuration_manager.patch_size:
-            voxels *= int(size)
+        voxels = math.prod(int(size) for size in self.configuration_manager.patch_size)
         return max(1, int(self.cpu_voxels_per_forward) // voxels)
 
     @property
