@@ -34,6 +34,9 @@ def _numpy_safe_globals() -> list:
     return safe
 
 
+_torch_load = torch.load  # bound at import: callers may swap torch.load for this very function
+
+
 def load_checkpoint_safely(path: str, map_location="cpu") -> dict:
     """Load a training checkpoint with ``weights_only=True``: tensors, containers and numpy scalars only.
 
@@ -41,7 +44,7 @@ def load_checkpoint_safely(path: str, map_location="cpu") -> dict:
     """
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals() + [torch.device]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name, the only thing a user can act on
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeError(f"{path}: cannot load checkpoint safely ({first})") from e

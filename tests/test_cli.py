@@ -142,11 +142,60 @@ def test_prediction_errors(env, tmp_path, capsys):
     one_channel.mkdir()
     shutil.copy(os.path.join(images, "case_006_0000.nii.gz"), one_channel)
     assert "case_006" in run(one_channel) and "expects 2" in run(one_channel)
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(images, corrupt)
-    (corrupt / "case_007_0001.nii.gz").write_bytes(b"not a nifti")
-    assert "case_007_0001.nii.gz" in run(corrupt)
-    assert not os.path.exists(tmp_path / "o" / "case_006.nii.gz")  # nothing half-written before the check
+    assert not os.path.exists(tmp_path / "o" / "case_006.nii.gz")
+
+
+def _truncate(path, drop=12):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-drop])
+
+
+def test_batch_prediction_skips_bad_cases_and_continues(env, tmp_path, capsys):
+    """Good cases are predicted, each bad one (corrupt, truncated, NaN, stray name) is listed with its reason and
+    gets no output, the exit status is non-zero; --continue_prediction then predicts only what is missing."""
+    images = os.path.join(env["nnUNet_raw"], NAMES[3], "imagesTs")
+    fold = os.path.join(env["nnUNet_results"], NAMES[3], f"DiffUNetTrainer__DiffnnUNetPlans__{CONFIG[3]}", "fold_2")
+    if not os.path.isfile(os.path.join(fold, "checkpoint_final.pth")):
+        _train(3, fold="2")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(images, mixed)
+    for case in ("case_100", "case_101", "case_102"):
+        for c in (0, 1):
+            shutil.copy(mixed / f"case_006_{c:04d}.nii.gz", mixed / f"{case}_{c:04d}.nii.gz")
+    (mixed / "case_100_0001.nii.gz").write_bytes(b"not a nifti")
+    _truncate(mixed / "case_101_0000.nii.gz")
+    img = sitk.ReadImage(str(mixed / "case_102_0001.nii.gz"))
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    arr[1, 2, 3] = np.nan
+    nan_img = sitk.GetImageFromArray(arr)
+    nan_img.CopyInformation(img)
+    sitk.WriteImage(nan_img, str(mixed / "case_102_0001.nii.gz"))
+    shutil.copy(mixed / "case_006_0000.nii.gz", mixed / "stray.nii.gz")
+    out = tmp_path / "out"
+    argv = ["-i", str(mixed), "-o", str(out), "-d", str(IDS[3]), "-tr", "DiffUNetTrainer", "-f", "2", "-device",
+            "cpu", "--steps", "1", "--samples", "1"]
+    with pytest.raises(SystemExit) as e:
+        predict.main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "4 input(s) not predicted" in err[-1] and "2 case(s) predicted" in err[-1]
+    reasons = [line for line in err if line.startswith("  not predicted: ")]
+    assert len(reasons) == 4
+    assert any("case_100_0001.nii.gz: cannot read image" in r for r in reasons)
+    assert any("case_101_0000.nii.gz: truncated file" in r for r in reasons)
+    assert any("case_102_0001.nii.gz: 1 non-finite voxel" in r for r in reasons)
+    assert any("stray.nii.gz: file name must be CASE_XXXX" in r for r in reasons)
+    written = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
+    assert written == ["case_006.nii.gz", "case_007.nii.gz"]  # the good cases, nothing for the bad ones
+    assert not [f for f in os.listdir(out) if f.startswith(".partial_")]
+    for case in ("case_100", "case_101", "case_102"):
+        shutil.copy(mixed / "case_007_0000.nii.gz", mixed / f"{case}_0000.nii.gz")
+        shutil.copy(mixed / "case_007_0001.nii.gz", mixed / f"{case}_0001.nii.gz")
+    os.remove(mixed / "stray.nii.gz")
+    before = os.path.getmtime(out / "case_006.nii.gz")
+    predict.main(argv + ["--continue_prediction"])
+    assert {f"case_10{i}.nii.gz" for i in range(3)} <= set(os.listdir(out))
+    assert os.path.getmtime(out / "case_006.nii.gz") == before
 
 
 def test_console_script_exit_code(env):
@@ -188,3 +237,74 @@ def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
 def torch_cpu():
     import torch
     return torch.device("cpu")
+
+
+def _subprocess_env():
+    return dict(os.environ, nnUNet_n_proc_DA="0", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("trainer,plans", [("DiffUNetTrainer", "DiffnnUNetPlans"), ("nnUNetTrainer", "nnUNetPlans")])
+def test_sigkill_mid_epoch_then_continue(env, trainer, plans):
+    """SIGKILL in the middle of an epoch leaves a loadable checkpoint_latest; --continue finishes the run with the
+    full epoch count and the whole training history."""
+    import signal
+    import time
+
+    from diffnnunet.utils import load_checkpoint_safely
+    fold = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_3")
+    argv = [sys.executable, "-m", "diffnnunet.cli.train", str(IDS[2]), trainer, "3", "-device", "cpu", "--epochs",
+            "3", "--iterations-per-epoch", "30", "--val-iterations", "1"]
+    proc = subprocess.Popen(argv, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = os.path.join(fold, "checkpoint_latest.pth")
+    deadline = time.time() + 300
+    while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    assert not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    killed_at = load_checkpoint_safely(latest)["current_epoch"]
+    assert killed_at in (1, 2)
+    r = subprocess.run(argv + ["--continue"], env=_subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = load_checkpoint_safely(os.path.join(fold, "checkpoint_final.pth"))
+    assert final["current_epoch"] == 3
+    assert len(final["logging"]["train_losses"]) == 3  # epochs before the kill kept, none repeated
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+
+
+_KILL_WHILE_SAVING = """
+import io, os, signal, sys
+import torch
+from diffnnunet.cli.train import load_trainer
+trainer = load_trainer(sys.argv[1], sys.argv[2], "4", "2d", None, torch.device("cpu"))
+trainer.initialize()
+path = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+trainer.save_checkpoint(path)  # a whole checkpoint of epoch 0
+real_save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    with open(f, "wb") as out:
+        out.write(buffer.getvalue()[: buffer.tell() // 2])
+        out.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # killed half-way through writing the file
+torch.save = dying_save
+trainer.current_epoch = 7
+trainer.save_checkpoint(path)
+"""
+
+
+@pytest.mark.parametrize("trainer,plans", [("DiffUNetTrainer", "DiffnnUNetPlans"), ("nnUNetTrainer", "nnUNetPlans")])
+def test_sigkill_while_writing_checkpoint_keeps_the_previous_one(env, trainer, plans):
+    import signal
+
+    from diffnnunet.utils import load_checkpoint_safely
+    r = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING, str(IDS[2]), trainer], env=_subprocess_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    fold = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_4")
+    assert os.path.getsize(os.path.join(fold, ".partial_checkpoint_latest.pth")) > 0  # the half-written file
+    assert load_checkpoint_safely(os.path.join(fold, "checkpoint_latest.pth"))["current_epoch"] == 1

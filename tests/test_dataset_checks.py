@@ -98,3 +98,84 @@ def test_channels_of_one_case_disagree(raw):
     _rewrite(path, lambda img: sitk.Image([7, 7], img.GetPixelID()))
     with pytest.raises(UserError, match="case_000_0001.nii.gz: shape/spacing"):
         check_raw_dataset(raw, 1)
+
+
+def _truncate(path, drop=0.4):
+    """Cut the last ``drop`` (fraction, or a byte count when >= 1) of the file, as an interrupted copy does."""
+    data = open(path, "rb").read()
+    cut = int(drop) if drop >= 1 else int(len(data) * drop)
+    open(path, "wb").write(data[:len(data) - cut])
+
+
+def _write_voxel(path, indices, value, dtype=np.float32):
+    """Set the voxels at ``indices`` (one index tuple or a list) to ``value``; one read and one write, because
+    SimpleITK reads a stored NaN back as 0."""
+    img = sitk.ReadImage(path)
+    arr = sitk.GetArrayFromImage(img).astype(dtype)
+    for index in indices if isinstance(indices, list) else [indices]:
+        arr[index] = value
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, path)
+
+
+@pytest.mark.parametrize("folder,name", [("imagesTr", "case_001_0000.nii.gz"), ("imagesTr", "case_000_0001.nii.gz"),
+                                         ("labelsTr", "case_002.nii.gz")])
+def test_truncated_gzip_nifti_is_refused(raw, folder, name):
+    path = os.path.join(raw, folder, name)
+    _truncate(path, 12)  # the gzip trailer and the last compressed bytes
+    assert sitk.ReadImage(path) is not None  # the trap: SimpleITK reads it and pads with zeros
+    with pytest.raises(UserError, match=f"{name}: truncated file"):
+        check_raw_dataset(raw, 1)
+
+
+def test_truncated_uncompressed_nifti_is_refused(tmp_path):
+    from diffnnunet.cli.integrity import check_file_whole
+    path = str(tmp_path / "img.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((6, 5, 4), np.float32)), path)
+    check_file_whole(path)  # whole: passes
+    _truncate(path, 0.2)
+    with pytest.raises(UserError, match=r"img.nii: truncated file \(\d+ bytes of data, the NIfTI header promises "):
+        check_file_whole(path)
+
+
+def test_corrupt_gzip_stream_is_refused(tmp_path):
+    from diffnnunet.cli.integrity import check_file_whole
+    path = str(tmp_path / "img.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(400, dtype=np.float32).reshape(20, 20)), path)
+    data = bytearray(open(path, "rb").read())
+    data[-6] ^= 0xFF  # damage the CRC/length trailer: every byte is there but the stream is not the one written
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError, match="img.nii.gz: corrupt compressed data"):
+        check_file_whole(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_image_names_file_and_count(raw, value):
+    path = os.path.join(raw, "imagesTr", "case_001_0001.nii.gz")
+    _write_voxel(path, [(0, 0), (3, 4)], value)
+    with pytest.raises(UserError, match=r"case_001_0001.nii.gz: 2 non-finite voxel value\(s\)"):
+        check_raw_dataset(raw, 1)
+
+
+def test_nonfinite_or_fractional_label_is_refused(raw):
+    path = os.path.join(raw, "labelsTr", "case_000.nii.gz")
+    _write_voxel(path, (1, 1), np.nan)
+    with pytest.raises(UserError, match=r"case_000.nii.gz: 1 non-finite voxel value\(s\) \(NaN/Inf\) in the label"):
+        check_raw_dataset(raw, 1)
+    _write_voxel(path, (1, 1), 1.5)
+    with pytest.raises(UserError, match=r"case_000.nii.gz: 1 label voxel\(s\) are not whole numbers"):
+        check_raw_dataset(raw, 1)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "plain"])
+def test_planning_refuses_nan_with_and_without_verify(raw, tmp_path, monkeypatch, capsys, verify):
+    monkeypatch.setenv("nnUNet_raw", os.path.dirname(raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    _write_voxel(os.path.join(raw, "imagesTr", "case_002_0000.nii.gz"), (2, 2), np.nan)
+    with pytest.raises(SystemExit) as e:
+        plan_and_preprocess.main(["-d", "820", "-np", "1"] + (["--verify_dataset_integrity"] if verify else []))
+    assert e.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "case_002_0000.nii.gz: 1 non-finite voxel" in last
+    assert not os.path.exists(tmp_path / "pre" / os.path.basename(raw))

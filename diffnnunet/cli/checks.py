@@ -10,6 +10,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from tqdm import tqdm
 
 from diffnnunet.cli.common import UserError
+from diffnnunet.cli.integrity import check_file_whole, require_finite
 
 REQUIRED_KEYS = ("labels", "file_ending")
 
@@ -42,6 +43,7 @@ def allowed_label_values(dataset_json: dict) -> set:
 
 def _reader(dataset_json: dict, example_file: str):
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    check_file_whole(example_file)  # a truncated file must say so, not "no reader can open it"
     try:
         return determine_reader_writer_from_dataset_json(dataset_json, example_file,
                                                          allow_nonmatching_filename=True, verbose=False)()
@@ -51,12 +53,30 @@ def _reader(dataset_json: dict, example_file: str):
 
 
 def _read_image(rw, path: str):
+    """Whole file, readable, finite voxels -> (shape, spacing)."""
+    stored_nonfinite = check_file_whole(path)
     try:
         data, props = rw.read_images([path])
     except Exception as e:  # noqa: BLE001
         detail = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"{path}: cannot read image ({detail})") from None
+    require_finite(data, path, "image", stored_nonfinite)
     return data.shape[1:], np.asarray(props["spacing"], float)
+
+
+def _read_label(rw, path: str):
+    """Whole file, readable, finite integer values -> (label array (1, *spatial), properties)."""
+    stored_nonfinite = check_file_whole(path)
+    try:
+        seg, props = rw.read_seg(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot read label ({' '.join(str(e).split()) or type(e).__name__})") from None
+    require_finite(seg, path, "label", stored_nonfinite)
+    if np.issubdtype(seg.dtype, np.inexact):
+        fractional = int(np.count_nonzero(seg != np.round(seg)))
+        if fractional:
+            raise UserError(f"{path}: {fractional} label voxel(s) are not whole numbers (labels are integer ids)")
+    return seg, props
 
 
 def _check_channels(rw, files: list[str]) -> tuple:
@@ -81,10 +101,7 @@ def _check_case(args) -> str | None:
         shape, spacing = _check_channels(rw, images)
         if label is None or not os.path.isfile(label):
             return f"{label or case}: label file missing"
-        try:
-            seg, seg_props = rw.read_seg(label)
-        except Exception as e:  # noqa: BLE001
-            return f"{label}: cannot read label ({' '.join(str(e).split()) or type(e).__name__})"
+        seg, seg_props = _read_label(rw, label)
         if seg.shape[1:] != shape:
             return f"{label}: label shape {seg.shape[1:]} does not match image shape {shape}"
         if not np.allclose(seg_props["spacing"], spacing, rtol=1e-3):
@@ -136,33 +153,56 @@ def check_raw_dataset(raw_folder: str, num_processes: int = 2) -> dict:
     return dj
 
 
-def check_prediction_inputs(input_folder: str, dataset_json: dict) -> list[list[str]]:
-    """Validate a folder of CASE_XXXX files to predict; returns nnU-Net's list of per-case file lists."""
+def screen_prediction_inputs(input_folder: str, dataset_json: dict, reader_class=None
+                             ) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """Validate a folder of CASE_XXXX files to predict, case by case.
+
+    Returns ``(good, bad)``: nnU-Net's list of per-case file lists for the cases that are whole, readable, finite
+    and complete in channels, and ``(case or file, one-line reason)`` for every other case or stray file. Only a
+    problem with the folder itself (missing, no images at all) raises ``UserError``. ``reader_class``: the model's
+    reader (plans' ``image_reader_writer``); default: nnU-Net's choice for the dataset.json and the first file.
+    """
     if not os.path.isdir(input_folder):
         raise UserError(f"{input_folder}: input folder not found")
     ending = dataset_json["file_ending"]
     n = len(channel_names(dataset_json))
     pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
     cases: dict[str, dict[int, str]] = {}
+    bad: list[tuple[str, str]] = []
     for f in sorted(os.listdir(input_folder)):
         if not f.endswith(ending) or f.startswith("."):
             continue
         m = pattern.match(f)
         if m is None:
-            raise UserError(f"{os.path.join(input_folder, f)}: file name must be CASE_XXXX{ending} "
-                            f"(XXXX = channel index)")
+            bad.append((f, f"{os.path.join(input_folder, f)}: file name must be CASE_XXXX{ending} "
+                           "(XXXX = channel index)"))
+            continue
         cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(input_folder, f)
-    if not cases:
+    if not cases and not bad:
         raise UserError(f"{input_folder}: no input images ending with {ending}")
-    lists = []
-    rw = None
-    for case, channels in cases.items():
+    good = []
+    rw = reader_class() if reader_class is not None else None
+    for case, channels in tqdm(cases.items(), desc="checking inputs", disable=len(cases) < 10):
         if sorted(channels) != list(range(n)):
             want = ", ".join(f"{case}_{i:04d}{ending}" for i in range(n))
-            raise UserError(f"{os.path.join(input_folder, case)}: has channel(s) {sorted(channels)} but the model "
-                            f"expects {n} ({want})")
+            bad.append((case, f"{os.path.join(input_folder, case)}: has channel(s) {sorted(channels)} but the "
+                              f"model expects {n} ({want})"))
+            continue
         files = [channels[i] for i in range(n)]
-        rw = rw or _reader(dataset_json, files[0])
-        _check_channels(rw, files)
-        lists.append(files)
-    return lists
+        try:
+            rw = rw or _reader(dataset_json, files[0])
+            _check_channels(rw, files)
+        except UserError as e:
+            bad.append((case, str(e)))
+            continue
+        good.append(files)
+    return good, bad
+
+
+def check_prediction_inputs(input_folder: str, dataset_json: dict, reader_class=None) -> list[list[str]]:
+    """Like :func:`screen_prediction_inputs`, but any bad case raises (for callers that need every case)."""
+    good, bad = screen_prediction_inputs(input_folder, dataset_json, reader_class)
+    if bad:
+        more = f" (and {len(bad) - 1} more bad input(s))" if len(bad) > 1 else ""
+        raise UserError(bad[0][1] + more)
+    return good

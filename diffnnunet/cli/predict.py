@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
@@ -87,7 +88,7 @@ def resolve_model(args):
 def main(argv=None):
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    from diffnnunet.cli.checks import check_prediction_inputs
+    from diffnnunet.cli.checks import screen_prediction_inputs
     from diffnnunet.inference import DiffusionPredictor
 
     args = build_parser().parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv=None):
     device = parse_device(args.device)
     folder, configuration, folds = resolve_model(args)
     dataset_json = load_json(os.path.join(folder, "dataset.json"))
-    input_lists = check_prediction_inputs(args.i, dataset_json)
+    input_lists, bad = screen_prediction_inputs(args.i, dataset_json, model_reader(folder))
     predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                    use_mirroring=(args.mirror or not args.disable_tta), device=device,
                                    steps=args.steps, samples=args.samples, seed=args.seed,
@@ -110,9 +111,34 @@ def main(argv=None):
               f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
     os.makedirs(args.o, exist_ok=True)
-    predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
-                                 overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
-                                 num_processes_segmentation_export=args.nps)
+    if input_lists:
+        predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps)
+    report_bad_inputs(bad, len(input_lists))
+
+
+def model_reader(folder: str):
+    """The image reader the model was planned with (plans' ``image_reader_writer``), the one nnU-Net's predictor
+    will use; None when the plans do not name one."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
+    name = load_json(os.path.join(folder, "plans.json")).get("image_reader_writer")
+    try:
+        return recursive_find_reader_writer_by_name(name) if name else None
+    except RuntimeError:
+        return None
+
+
+def report_bad_inputs(bad: list, n_good: int) -> None:
+    """After the good cases are written: list every bad input with its reason on stderr, then fail (non-zero)."""
+    if not bad:
+        return
+    for _, reason in bad:
+        print(f"  not predicted: {reason}", file=sys.stderr)
+    raise UserError(f"{len(bad)} input(s) not predicted (listed above; {n_good} case(s) predicted); fix them and "
+                    "rerun with --continue_prediction to predict only what is missing")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pydoc
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as StocknnUNetTrainer
 
+from diffnnunet.trainers.baseline import nnUNetTrainer
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
 from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer
 
@@ -26,7 +27,7 @@ def get_trainer_class(name: str):
     cls = TRAINERS.get(name)
     if cls is None and "." in name:
         cls = pydoc.locate(name)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, StocknnUNetTrainer)):
         raise ValueError(f"unknown trainer '{name}' (known: {', '.join(TRAINERS)}, or a dotted path to an "
                          "nnUNetTrainer subclass)")
     return cls

@@ -5,8 +5,6 @@ progress.png, checkpoints (latest/best/final) and ``--continue``. Method variant
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
@@ -17,8 +15,9 @@ from torch import autocast
 
 from diffnnunet.methods import METHODS, encode_target
 from diffnnunet.networks import resolve_arch_kwargs
+from diffnnunet.trainers.checkpointing import SafeCheckpointMixin
 from diffnnunet.trainers.lr_schedule import WarmupCosineLR
-from diffnnunet.utils import load_checkpoint_safely, partial_path, swapped
+from diffnnunet.utils import load_checkpoint_safely, swapped
 
 
 def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
@@ -29,7 +28,7 @@ def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
     return section
 
 
-class DiffusionTrainer(nnUNetTrainer):
+class DiffusionTrainer(SafeCheckpointMixin, nnUNetTrainer):
     """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method."""
 
     method_name: str | None = None
@@ -47,7 +46,7 @@ class DiffusionTrainer(nnUNetTrainer):
         self.weight_decay = optim.get("weight_decay", 1e-5)
         self.warmup_fraction = optim.get("warmup_fraction", 0.1)
         self.enable_deep_supervision = False
-        self.save_every = 1  # checkpoint_latest every epoch: an interrupted run resumes with --continue
+        self.save_every = 1  # checkpoint_latest every epoch (atomic): a killed run resumes with --continue
 
     # -- network -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -154,15 +153,9 @@ class DiffusionTrainer(nnUNetTrainer):
             super().perform_actual_validation(save_probabilities)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary name and renamed (never half-written)."""
-        tmp = partial_path(filename)
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
-
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's resume logic with ``weights_only=True`` loading."""
+        """nnU-Net's resume logic with ``weights_only=True`` loading, into the method module (checkpoints are
+        written atomically every epoch by :class:`SafeCheckpointMixin`)."""
         if not self.was_initialized:
             self.initialize()
         ckpt = filename_or_checkpoint
