@@ -179,3 +179,38 @@ def test_planning_refuses_nan_with_and_without_verify(raw, tmp_path, monkeypatch
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "case_002_0000.nii.gz: 1 non-finite voxel" in last
     assert not os.path.exists(tmp_path / "pre" / os.path.basename(raw))
+
+
+def _convert(raw, ending, reader=None):
+    """Rewrite the dataset in another file format (and optionally force nnU-Net's reader in dataset.json)."""
+    for folder in ("imagesTr", "labelsTr"):
+        for f in os.listdir(os.path.join(raw, folder)):
+            src = os.path.join(raw, folder, f)
+            sitk.WriteImage(sitk.ReadImage(src), src[:-len(".nii.gz")] + ending)
+            if ending != ".nii.gz":
+                os.remove(src)
+    dj = json.load(open(os.path.join(raw, "dataset.json")))
+    dj["file_ending"] = ending
+    if reader:
+        dj["overwrite_image_reader_writer"] = reader
+    json.dump(dj, open(os.path.join(raw, "dataset.json"), "w"))
+
+
+READERS = [(".nii.gz", "SimpleITKIO"), (".nii.gz", "NibabelIO"), (".nii.gz", "NibabelIOWithReorient"),
+           (".nii", None), (".mha", None), (".nrrd", None)]
+
+
+@pytest.mark.parametrize("ending,reader", READERS, ids=[f"{e}-{r}" for e, r in READERS])
+def test_every_reader_refuses_truncated_and_nonfinite_images(tmp_path, ending, reader):
+    raw = make_dataset(str(tmp_path), 821, dim=3, num_train=2, num_test=0, shape=(4, 12, 10))
+    _convert(raw, ending, reader)
+    assert check_raw_dataset(raw, 1)["file_ending"] == ending
+    image = os.path.join(raw, "imagesTr", "case_000_0001" + ending)
+    whole = open(image, "rb").read()
+    _write_voxel(image, [(1, 2, 3), (2, 2, 2), (3, 0, 0)], np.nan)
+    with pytest.raises(UserError, match=f"case_000_0001{ending}: 3 non-finite voxel value"):
+        check_raw_dataset(raw, 1)
+    open(image, "wb").write(whole)
+    _truncate(image, 0.3)
+    with pytest.raises(UserError, match=f"case_000_0001{ending}: (truncated file|cannot read image)"):
+        check_raw_dataset(raw, 1)
