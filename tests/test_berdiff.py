@@ -99,7 +99,8 @@ def test_sample_shapes_samples_and_uncertainty(arch, spatial, sampler):
     calls = []
     m.network.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     probs, unc = m.sample(torch.randn(2, 2, *spatial), steps=3, samples=5, chunk=2,
-                          generator=torch.Generator().manual_seed(0), return_uncertainty=True)
+                          generator=torch.Generator().manual_seed(0), return_uncertainty=True,
+                          uncertainty="disagreement")
     assert calls == [4] * 3 + [4] * 3 + [2] * 3  # 5 chains of 2 windows, 2 chains per forward, 3 steps each
     assert probs.shape == (2, 3, *spatial) and unc.shape == (2, 1, *spatial)
     torch.testing.assert_close(probs.sum(1), torch.ones(2, *spatial))  # mean of one-hot samples
@@ -120,7 +121,7 @@ def test_seeded_sampler_regression(arch, spatial, dim):
     m = _model(arch)
     image = torch.linspace(-1, 1, 2 * int(np.prod(spatial))).reshape(1, 2, *spatial)
     probs, unc = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42),
-                          return_uncertainty=True)
+                          return_uncertainty=True, uncertainty="disagreement")
     again = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42))
     torch.testing.assert_close(probs, again)
     got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]

@@ -43,7 +43,7 @@ class _Deterministic(torch.nn.Module):
     def forward(self, x):
         return torch.sigmoid(self.conv(x))
 
-    def sample(self, x, steps, samples, generator=None, chunk=None, return_uncertainty=False):
+    def sample(self, x, steps, samples, generator=None, chunk=None, return_uncertainty=False, uncertainty="entropy"):
         self.autocast_seen = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
         p = self(x)
         return (p, p[:, :1] * 0.5) if return_uncertainty else p

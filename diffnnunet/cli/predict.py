@@ -7,6 +7,9 @@ import sys
 
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
+#: diffnnunet.methods.uncertainty.MEASURES, spelled out so that parsing arguments imports no torch
+UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffnnunet_predict", description="Predict a folder of CASE_XXXX images.")
@@ -36,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnUNet_compile=true)")
     p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's .npz/.pkl")
     p.add_argument("--save_uncertainty", action="store_true",
-                   help="also write CASE_uncertainty (float32, larger = less certain: the method's own map, else "
-                        "the normalized entropy)")
+                   help="also write CASE_uncertainty (float32, larger = less certain: the --uncertainty map of the "
+                        "sampling chains for diffusion models, the normalized softmax entropy for nnU-Net models)")
+    p.add_argument("--uncertainty", default="entropy", choices=UNCERTAINTY_MEASURES,
+                   help="the diffusion models' native map, from the sampling chains of each window (default entropy: "
+                        "predictive entropy of their mean; mutual_information: the chains' disagreement; std)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=2, help="export processes")
@@ -102,7 +108,8 @@ def main(argv=None):
                                    use_mirroring=(args.mirror or not args.disable_tta), device=device,
                                    steps=args.steps, samples=args.samples, seed=args.seed,
                                    save_uncertainty=args.save_uncertainty, allow_tqdm=True,
-                                   precision=args.precision, compile=args.compile or None)
+                                   precision=args.precision, compile=args.compile or None,
+                                   uncertainty=args.uncertainty)
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror
@@ -132,13 +139,16 @@ def model_reader(folder: str):
 
 
 def report_bad_inputs(bad: list, n_good: int) -> None:
-    """After the good cases are written: list every bad input with its reason on stderr, then fail (non-zero)."""
+    """After the good cases are written: list every bad input with its reason on stderr, then fail (non-zero)
+    with one line that names the first bad file and counts the rest."""
     if not bad:
         return
-    for _, reason in bad:
-        print(f"  not predicted: {reason}", file=sys.stderr)
-    raise UserError(f"{len(bad)} input(s) not predicted (listed above; {n_good} case(s) predicted); fix them and "
-                    "rerun with --continue_prediction to predict only what is missing")
+    if len(bad) > 1:
+        for _, reason in bad:
+            print(f"  not predicted: {reason}", file=sys.stderr)
+    listed = "; all listed above" if len(bad) > 1 else ""
+    raise UserError(f"{bad[0][1]} ({len(bad)} input(s) not predicted, {n_good} case(s) predicted{listed}; fix "
+                    "them and rerun with --continue_prediction to predict only what is missing)")
 
 
 if __name__ == "__main__":

@@ -67,17 +67,19 @@ class DiffusionPredictor(nnUNetPredictor):
     the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a prediction reproducible (one generator,
     advanced window by window). ``precision`` is the sampler's autocast (:func:`autocast_dtype`); ``compile``
     runs ``torch.compile`` on the method's per-step modules (``step_modules()``; None: nnU-Net's ``nnUNet_compile``
-    environment variable decides)."""
+    environment variable decides). ``uncertainty`` is the native map written with ``save_uncertainty``: one of
+    :data:`diffnnunet.methods.uncertainty.MEASURES`, computed per window from the chains before blending."""
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
                  save_uncertainty: bool = False, use_tuned_sampling: bool = True, precision: str = "auto",
-                 compile: bool | None = None, **kwargs):
+                 compile: bool | None = None, uncertainty: str = "entropy", **kwargs):
         kwargs.setdefault("allow_tqdm", True)
         super().__init__(*args, **kwargs)
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self.compile_steps = _env_flag("nnUNet_compile") if compile is None else bool(compile)
         self.steps_override, self.samples_override, self.seed = steps, samples, seed
         self.save_uncertainty = save_uncertainty
+        self.uncertainty_measure = uncertainty
         self.use_tuned_sampling = use_tuned_sampling
         self.tuned_sampling = None
         self.diffusion = None
@@ -198,9 +200,14 @@ class DiffusionPredictor(nnUNetPredictor):
         return torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _sample_windows_mirrored(self, x: torch.Tensor):
-        sample = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
-                         generator=self.generator, chunk=self.samples_per_forward,
-                         return_uncertainty=True)
+        native = {"return_uncertainty": True, "uncertainty": self.uncertainty_measure} if self.save_uncertainty else {}
+        sampler = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
+                          generator=self.generator, chunk=self.samples_per_forward, **native)
+
+        def sample(windows):
+            out = sampler(windows)
+            return out if isinstance(out, tuple) else (out, None)
+
         prediction, uncertainty = sample(x)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         if mirror_axes:
@@ -214,7 +221,7 @@ class DiffusionPredictor(nnUNetPredictor):
             prediction /= len(combos) + 1
             if uncertainty is not None:
                 uncertainty /= len(combos) + 1
-        return prediction, (uncertainty if self.save_uncertainty else None)
+        return prediction, uncertainty
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:

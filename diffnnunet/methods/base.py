@@ -51,8 +51,9 @@ class DiffusionMethod(nn.Module):
 
     ``training_loss(image (B, M, *sp), x0 (B, N, *sp) in {0,1}, mask, generator) -> dict`` with key ``loss``
     (summed, differentiable) and one detached entry per term.
-    ``sample(image, steps, samples, generator, chunk, return_uncertainty)`` -> probabilities ``(B, N, *sp)``, and
-    with ``return_uncertainty`` also an uncertainty map ``(B, 1, *sp)`` (larger = less certain) or None when the
+    ``sample(image, steps, samples, generator, chunk, return_uncertainty, uncertainty)`` -> probabilities
+    ``(B, N, *sp)``, and with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *sp)`` (larger = less
+    certain; a measure of :mod:`diffnnunet.methods.uncertainty` over the chains) or None when the
     method has no native one (the export then uses the normalized entropy of the probabilities).
     """
 
@@ -91,5 +92,5 @@ class DiffusionMethod(nn.Module):
 
     @torch.no_grad()
     def sample(self, image, steps: int, samples: int, generator: torch.Generator | None = None,
-               chunk: int | None = None, return_uncertainty: bool = False):
+               chunk: int | None = None, return_uncertainty: bool = False, uncertainty: str = "entropy"):
         raise NotImplementedError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean
+from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics
 from diffnnunet.networks import TimeUNet
 from diffnnunet.processes import BernoulliProcess, CategoricalProcess
 from diffnnunet.utils import expand_to
@@ -124,19 +125,26 @@ class BerDiff(DiffusionMethod):
 
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 8, generator: torch.Generator | None = None,
-               chunk: int | None = None, return_uncertainty: bool = False):
+               chunk: int | None = None, return_uncertainty: bool = False, uncertainty: str = "entropy"):
         """Algorithm 2 over S independent chains (``chunk`` at a time): y_T ~ B(1/2) (categorical: uniform), then
         ``steps`` reverse steps on the respaced sub-sequence (``sampler`` ddim: Algorithm 2's DDIM update with
         ``eta``; ddpm: the posterior of Eq. 6/7). ``image``: ``(B, M, *spatial)``.
 
         Returns the saliency map (the mean of the S binary / one-hot samples) ``(B, N, *spatial)``; with
-        ``return_uncertainty`` also the sample disagreement ``(B, 1, *spatial)`` (:func:`sample_disagreement`).
+        ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)``: one of
+        :data:`~diffnnunet.methods.uncertainty.MEASURES` over the S chains' final x0 probabilities (continuous,
+        where the binary draws would quantize the map to multiples of 1/S), or ``disagreement``, the fraction of
+        binary samples against the majority (:func:`sample_disagreement`).
         """
+        if uncertainty not in (*MEASURES, "disagreement"):
+            raise ValueError(f"unknown uncertainty measure '{uncertainty}' (known: {', '.join(MEASURES)}, "
+                             "disagreement)")
         proc, per_channel = self.process, bool(self.per_channel)
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
         timesteps = proc.set_timesteps(steps)
         total = None
+        chains = ChainStatistics(categorical=not per_channel)
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             image_n = image.repeat_interleave(n, 0)
@@ -151,7 +159,11 @@ class BerDiff(DiffusionMethod):
                     y = proc.step_ddpm(x0_hat, y, t, t_prev, generator)
             y_sum = y.reshape(b, n, *y.shape[1:]).sum(1)
             total = y_sum if total is None else total + y_sum
+            if return_uncertainty:
+                chains.add(x0_hat.reshape(b, n, *x0_hat.shape[1:]))
         freq = total / s
-        if return_uncertainty:
+        if not return_uncertainty:
+            return freq
+        if uncertainty == "disagreement":
             return freq, sample_disagreement(freq, per_channel)
-        return freq
+        return freq, chains.map(uncertainty)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
+from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet, UNetEncoder
 from diffnnunet.processes import GaussianProcess
 
@@ -91,20 +92,24 @@ class DiffUNet(DiffusionMethod):
 
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 4, generator: torch.Generator | None = None,
-               chunk: int | None = None, return_uncertainty: bool = False, return_steps: bool = False):
+               chunk: int | None = None, return_uncertainty: bool = False, return_steps: bool = False,
+               uncertainty: str = "entropy"):
         """DDIM (eta from the plans, 0 = deterministic) over S independent chains and Step-Uncertainty Fusion
         Y = sum_i w_i p_bar_i / sum_i w_i (Eq. 4 and the weight formula; normalised so Y is a probability).
 
         The feature encoder runs once per call, shared by all steps and samples; chains run ``chunk`` at a time
         (the plans' ``samples_per_forward``, derived from the memory budget). ``image``: ``(B, M, *spatial)``.
-        Returns probabilities ``(B, N, *spatial)``; with ``return_uncertainty`` also None (Diff-UNet has no native
-        map: the export uses the entropy of Y); with ``return_steps`` also the per-step p_bar_i.
+        Returns probabilities ``(B, N, *spatial)``; with ``return_uncertainty`` also the ``uncertainty`` map
+        ``(B, 1, *spatial)`` of the S chains' final-step probabilities (:mod:`diffnnunet.methods.uncertainty`,
+        per-channel sigmoids), independent of SUF, which only decides the segmentation (its late, confident steps
+        would hide the chains' disagreement); with ``return_steps`` also the per-step p_bar_i.
         """
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
         base_features = self.feature_encoder(image)
         timesteps = self.process.set_timesteps(steps)
         step_sums = [None] * len(timesteps)
+        chains = ChainStatistics(categorical=False)
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             features = [f.repeat_interleave(n, 0) for f in base_features]
@@ -116,13 +121,15 @@ class DiffUNet(DiffusionMethod):
                 logits = self(image_n, x, tt, features)
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x = self.process.step(logits_to_x0(logits), x, t, t_prev, self.eta, generator)
-                p_sum = torch.sigmoid(logits).float().reshape(b, n, *logits.shape[1:]).sum(1)
-                step_sums[i] = p_sum if step_sums[i] is None else step_sums[i] + p_sum
-        per_step = [p / s for p in step_sums]
+                p = torch.sigmoid(logits).float().reshape(b, n, *logits.shape[1:])
+                step_sums[i] = p.sum(1) if step_sums[i] is None else step_sums[i] + p.sum(1)
+            if return_uncertainty:
+                chains.add(p)  # the final step's probabilities of these n chains
+        per_step = [total / s for total in step_sums]
         out = self.fuse(per_step)
         if return_steps:
             return out, per_step
-        return (out, None) if return_uncertainty else out
+        return (out, chains.map(uncertainty)) if return_uncertainty else out
 
     def fuse(self, per_step: list) -> torch.Tensor:
         """Combine the per-step mean predictions p_bar_i: ``step_uncertainty`` (SUF, the paper), ``mean`` (the

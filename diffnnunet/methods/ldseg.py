@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
+from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet
 from diffnnunet.networks.latent import (
     ImageEncoder,
@@ -231,10 +232,11 @@ class LDSeg(DiffusionMethod):
 
     @torch.no_grad()
     def sample(self, image, steps: int = 2, samples: int = 4, generator: torch.Generator | None = None,
-               chunk: int | None = None, return_uncertainty: bool = False):
+               chunk: int | None = None, return_uncertainty: bool = False, uncertainty: str = "entropy"):
         """S DDIM chains (Algorithm 2), decoded and averaged: mean class probabilities ``(B, N, *spatial)``; with
-        ``return_uncertainty`` also the mean over channels of the per-voxel standard deviation across the S samples
-        ``(B, 1, *spatial)`` (paper Fig. 10; None when S = 1).
+        ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)`` of the S decoded probability maps
+        (:mod:`diffnnunet.methods.uncertainty`; ``std`` is the paper's Fig. 10 map: the per-voxel standard
+        deviation across the samples, averaged over channels).
 
         z_i is computed once per call. All S initial latents ``(B, S, C_l, *latent)`` are drawn first, so with
         eta = 0 the result does not depend on ``chunk`` (how many chains run in one forward). No per-step
@@ -244,20 +246,10 @@ class LDSeg(DiffusionMethod):
         z_i = self.encode_image(image)
         noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=torch.float32)
         timesteps = self.process.set_timesteps(steps)
-        shift = d_sum = d_sq = None  # sums of p - shift (the first chain): no cancellation in the variance
+        chains = ChainStatistics(categorical=self.probabilities == "categorical")
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             z = self._ddim(noise[:, start:start + n].reshape(b * n, *z_i.shape[1:]), z_i.repeat_interleave(n, 0),
                            timesteps, generator)
-            p = self.to_probabilities(self.decode(z)).reshape(b, n, self.num_classes, *image.shape[2:])
-            shift = p[:, 0] if shift is None else shift
-            d = p - shift[:, None]
-            d_sum = d.sum(1) if d_sum is None else d_sum + d.sum(1)
-            d_sq = (d ** 2).sum(1) if d_sq is None else d_sq + (d ** 2).sum(1)
-        mean = shift + d_sum / s
-        if not return_uncertainty:
-            return mean
-        if s < 2:
-            return mean, None
-        std = (d_sq / s - (d_sum / s) ** 2).clamp(min=0).sqrt()
-        return mean, std.mean(1, keepdim=True)
+            chains.add(self.to_probabilities(self.decode(z)).reshape(b, n, self.num_classes, *image.shape[2:]))
+        return (chains.mean(), chains.map(uncertainty)) if return_uncertainty else chains.mean()

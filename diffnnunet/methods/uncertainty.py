@@ -1,0 +1,77 @@
+"""Native uncertainty maps from the S sampling chains of any method, computed per window in float32.
+
+Every sampler runs S independent chains; each ends in class probabilities p_s ``(B, C, *spatial)``. The maps
+(documentation/evaluation.md) are, per voxel, with H the entropy normalised to [0, 1]:
+
+- ``entropy`` (default): total predictive entropy H(p_bar) of the chains' mean p_bar = (1/S) sum_s p_s.
+- ``mutual_information``: H(p_bar) - (1/S) sum_s H(p_s), the epistemic part (the chains disagree); 0 when every
+  chain gives the same probabilities, whatever they are.
+- ``std``: the per-voxel standard deviation of p_s across the chains (population, 1/S), averaged over channels;
+  in [0, 1/2].
+
+H is the categorical entropy -sum_c p_c log p_c / log C for class probabilities that sum to one (``categorical``),
+and the binary entropy averaged over channels, -(p log p + (1-p) log(1-p)) / log 2, for independent per-channel
+probabilities (sigmoids: regions, or methods that estimate each label channel on its own).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MEASURES = ("entropy", "mutual_information", "std")
+
+
+def normalized_entropy(p: torch.Tensor, categorical: bool) -> torch.Tensor:
+    """H(p) in [0, 1], ``(B, C, *spatial)`` -> ``(B, 1, *spatial)`` (module docstring; 0 log 0 = 0)."""
+    p = p.float()
+    if categorical:
+        c = p.shape[1]
+        h = -torch.xlogy(p, p).sum(1, keepdim=True)
+        return h / math.log(c) if c > 1 else torch.zeros_like(h)
+    q = 1 - p
+    h = -(torch.xlogy(p, p) + torch.xlogy(q, q))
+    return h.mean(1, keepdim=True) / math.log(2)
+
+
+class ChainStatistics:
+    """Streaming per-voxel statistics of chains' probabilities; chains may arrive in chunks of any size.
+
+    ``add(p)`` with ``p`` ``(B, n, C, *spatial)`` (n chains of B windows); ``mean()`` -> p_bar ``(B, C, *spatial)``;
+    ``map(measure)`` -> ``(B, 1, *spatial)``. Sums are kept relative to the first chain (a shift), so the variance
+    has no cancellation when all chains are nearly equal.
+    """
+
+    def __init__(self, categorical: bool):
+        self.categorical = bool(categorical)
+        self.count = 0
+        self.shift = self.d_sum = self.d_sq = self.h_sum = None
+
+    def add(self, p: torch.Tensor) -> None:
+        p = p.float()
+        if self.shift is None:
+            self.shift = p[:, 0]
+            self.d_sum = torch.zeros_like(self.shift)
+            self.d_sq = torch.zeros_like(self.shift)
+            self.h_sum = torch.zeros_like(self.shift[:, :1])
+        d = p - self.shift[:, None]
+        self.d_sum += d.sum(1)
+        self.d_sq += (d * d).sum(1)
+        b, n = p.shape[:2]
+        self.h_sum += normalized_entropy(p.flatten(0, 1), self.categorical).reshape(b, n, 1, *p.shape[3:]).sum(1)
+        self.count += n
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.d_sum / self.count
+
+    def map(self, measure: str = "entropy") -> torch.Tensor:
+        """The ``measure`` map ``(B, 1, *spatial)``; with one chain ``mutual_information`` and ``std`` are 0."""
+        if measure == "entropy":
+            return normalized_entropy(self.mean(), self.categorical)
+        if measure == "mutual_information":
+            mi = normalized_entropy(self.mean(), self.categorical) - self.h_sum / self.count
+            return mi.clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0
+        if measure == "std":
+            m = self.d_sum / self.count
+            return (self.d_sq / self.count - m * m).clamp(min=0).sqrt().mean(1, keepdim=True)
+        raise ValueError(f"unknown uncertainty measure '{measure}' (known: {', '.join(MEASURES)})")
