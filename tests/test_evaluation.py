@@ -132,6 +132,36 @@ def test_evaluate_cli_matches_nnunet_and_adds_surface_metrics(folders, capsys):
     assert "HD95" in printed and "AUROC" in printed
 
 
+def test_evaluate_cli_uncertainty_keys_and_plots(folders, capsys):
+    from sklearn.metrics import roc_auc_score
+    ref, pred, dj = folders
+    out = os.path.join(pred, "eval", "summary.json")
+    os.makedirs(os.path.dirname(out))
+    evaluate.main(["-ref", ref, "-pred", pred, "-djfile", dj, "-o", out, "-np", "1", "--plots"])
+    unc = json.load(open(out))["uncertainty"]
+    read = {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(d, f"c{i}{s}.nii.gz"))).ravel()
+            for i in range(3) for d, s, f in ((ref, "", f"r{i}"), (pred, "", f"p{i}"), (pred, "_uncertainty", f"u{i}"))}
+    wrong = np.concatenate([read[f"p{i}"] != read[f"r{i}"] for i in range(3)])
+    u = np.concatenate([read[f"u{i}"] for i in range(3)])
+    assert unc["AUROC_uncertainty_vs_error"] == pytest.approx(roc_auc_score(wrong, u), abs=1e-12)
+    assert unc["AUROC_max_error"] == 0 and 0 <= unc["AUROC_binned_1000"] <= 1
+    assert unc["error_rate"] == pytest.approx(126 / 4608)  # 3 x 36 extra label-1 voxels + 18 missed label-2
+    assert unc["AURC"] == pytest.approx(unc["AURC_optimal"], abs=1e-9)  # every error above every correct voxel
+    # probabilities 0.9/1.1 for the predicted class, 0.1/1.1 for the others: correct voxels 6/121, wrong 182/121
+    assert unc["Brier"] == pytest.approx((126 * 182 + (4608 - 126) * 6) / (121 * 4608))
+    # uncertainty > 0.5 exactly on the 126 errors; label 1 has 108 of them, label 2 18
+    assert unc["uncertainty_error_dice"] == {"1": pytest.approx(216 / 234), "2": pytest.approx(36 / 144)}
+    assert sum(unc["reliability"]["bin_counts"]) == 4608
+    assert unc["plots"] == ["reliability.png", "risk_coverage.png"]
+    for name in unc["plots"]:
+        path = os.path.join(pred, "eval", name)
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+        assert matplotlib.image.imread(path).ndim == 3
+    assert sorted(os.listdir(os.path.dirname(out))) == ["reliability.png", "risk_coverage.png", "summary.json"]
+    assert "risk_coverage.png" in capsys.readouterr().out
+
+
 def test_evaluate_cli_errors(folders, tmp_path, capsys):
     ref, pred, dj = folders
     os.remove(os.path.join(ref, "c1.nii.gz"))
