@@ -171,3 +171,28 @@ def test_evaluate_cli_errors(folders, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["-ref", str(tmp_path / "nope"), "-pred", pred, "-djfile", dj])
     assert "nope: folder not found" in capsys.readouterr().err
+
+
+def test_evaluate_cli_region_dataset_uncertainty(tmp_path):
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    for i in range(2):
+        r = np.zeros((4, 8, 8), np.uint8)
+        r[1:3, 2:6, 2:6] = 1
+        r[1:3, 3:5, 3:5] = 2
+        p = r.copy()
+        p[3, 2:6, 2:6] = 1  # 16 extra voxels of region (1, 2), none of region (2,)
+        _write(r, str(ref / f"c{i}.nii.gz"), (1.0, 1.0, 1.0))
+        _write(p, str(pred / f"c{i}.nii.gz"), (1.0, 1.0, 1.0))
+        probs = np.stack([np.where(p >= 1, 0.9, 0.1), np.where(p == 2, 0.8, 0.2)]).astype(np.float32)
+        np.savez(str(pred / f"c{i}.npz"), probabilities=probs)
+    dj = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2],
+          "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 2}
+    json.dump(dj, open(tmp_path / "dataset.json", "w"))
+    evaluate.main(["-ref", str(ref), "-pred", str(pred), "-djfile", str(tmp_path / "dataset.json"), "-np", "1"])
+    unc = json.load(open(pred / "summary.json"))["uncertainty"]
+    # per case: region (1, 2) 240 right at 0.1^2 and 16 wrong at 0.9^2, region (2,) 256 right at 0.2^2; 512 terms
+    assert unc["Brier"] == pytest.approx((240 * 0.01 + 16 * 0.81 + 256 * 0.04) / 512)
+    # the entropy map (about 0.595 everywhere) exceeds 0.5 on all 2 x 256 voxels; region (1, 2) has 32 errors
+    assert unc["uncertainty_error_dice"] == {"(1, 2)": pytest.approx(64 / 544), "2": 0.0}
