@@ -132,6 +132,36 @@ def test_evaluate_cli_matches_nnunet_and_adds_surface_metrics(folders, capsys):
     assert "HD95" in printed and "AUROC" in printed
 
 
+def test_evaluate_cli_uncertainty_keys_and_plots(folders, capsys):
+    from sklearn.metrics import roc_auc_score
+    ref, pred, dj = folders
+    out = os.path.join(pred, "eval", "summary.json")
+    os.makedirs(os.path.dirname(out))
+    evaluate.main(["-ref", ref, "-pred", pred, "-djfile", dj, "-o", out, "-np", "1", "--plots"])
+    unc = json.load(open(out))["uncertainty"]
+    read = {f: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(d, f"c{i}{s}.nii.gz"))).ravel()
+            for i in range(3) for d, s, f in ((ref, "", f"r{i}"), (pred, "", f"p{i}"), (pred, "_uncertainty", f"u{i}"))}
+    wrong = np.concatenate([read[f"p{i}"] != read[f"r{i}"] for i in range(3)])
+    u = np.concatenate([read[f"u{i}"] for i in range(3)])
+    assert unc["AUROC_uncertainty_vs_error"] == pytest.approx(roc_auc_score(wrong, u), abs=1e-12)
+    assert unc["AUROC_max_error"] == 0 and 0 <= unc["AUROC_binned_1000"] <= 1
+    assert unc["error_rate"] == pytest.approx(126 / 4608)  # 3 x 36 extra label-1 voxels + 18 missed label-2
+    assert unc["AURC"] == pytest.approx(unc["AURC_optimal"], abs=1e-9)  # every error above every correct voxel
+    # probabilities 0.9/1.1 for the predicted class, 0.1/1.1 for the others: correct voxels 6/121, wrong 182/121
+    assert unc["Brier"] == pytest.approx((126 * 182 + (4608 - 126) * 6) / (121 * 4608))
+    # uncertainty > 0.5 exactly on the 126 errors; label 1 has 108 of them, label 2 18
+    assert unc["uncertainty_error_dice"] == {"1": pytest.approx(216 / 234), "2": pytest.approx(36 / 144)}
+    assert sum(unc["reliability"]["bin_counts"]) == 4608
+    assert unc["plots"] == ["reliability.png", "risk_coverage.png"]
+    for name in unc["plots"]:
+        path = os.path.join(pred, "eval", name)
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+        assert matplotlib.image.imread(path).ndim == 3
+    assert sorted(os.listdir(os.path.dirname(out))) == ["reliability.png", "risk_coverage.png", "summary.json"]
+    assert "risk_coverage.png" in capsys.readouterr().out
+
+
 def test_evaluate_cli_errors(folders, tmp_path, capsys):
     ref, pred, dj = folders
     os.remove(os.path.join(ref, "c1.nii.gz"))
@@ -141,3 +171,28 @@ def test_evaluate_cli_errors(folders, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["-ref", str(tmp_path / "nope"), "-pred", pred, "-djfile", dj])
     assert "nope: folder not found" in capsys.readouterr().err
+
+
+def test_evaluate_cli_region_dataset_uncertainty(tmp_path):
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    for i in range(2):
+        r = np.zeros((4, 8, 8), np.uint8)
+        r[1:3, 2:6, 2:6] = 1
+        r[1:3, 3:5, 3:5] = 2
+        p = r.copy()
+        p[3, 2:6, 2:6] = 1  # 16 extra voxels of region (1, 2), none of region (2,)
+        _write(r, str(ref / f"c{i}.nii.gz"), (1.0, 1.0, 1.0))
+        _write(p, str(pred / f"c{i}.nii.gz"), (1.0, 1.0, 1.0))
+        probs = np.stack([np.where(p >= 1, 0.9, 0.1), np.where(p == 2, 0.8, 0.2)]).astype(np.float32)
+        np.savez(str(pred / f"c{i}.npz"), probabilities=probs)
+    dj = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2],
+          "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 2}
+    json.dump(dj, open(tmp_path / "dataset.json", "w"))
+    evaluate.main(["-ref", str(ref), "-pred", str(pred), "-djfile", str(tmp_path / "dataset.json"), "-np", "1"])
+    unc = json.load(open(pred / "summary.json"))["uncertainty"]
+    # per case: region (1, 2) 240 right at 0.1^2 and 16 wrong at 0.9^2, region (2,) 256 right at 0.2^2; 512 terms
+    assert unc["Brier"] == pytest.approx((240 * 0.01 + 16 * 0.81 + 256 * 0.04) / 512)
+    # the entropy map (about 0.595 everywhere) exceeds 0.5 on all 2 x 256 voxels; region (1, 2) has 32 errors
+    assert unc["uncertainty_error_dice"] == {"(1, 2)": pytest.approx(64 / 544), "2": 0.0}

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NSD tolerance in mm: one number for all labels, or 'default=2,1=1.5,2=3' per label key "
                         "(keys as in summary.json, e.g. 1 or (1, 2))")
     p.add_argument("--chill", action="store_true", help="do not require a prediction for every reference")
+    p.add_argument("--plots", action="store_true",
+                   help="also write reliability.png (from CASE.npz) and risk_coverage.png (from the uncertainty) "
+                        "beside the output json")
     return p
 
 
@@ -60,11 +63,17 @@ def main(argv=None):
     output = args.o or os.path.join(args.pred, "summary.json")
     try:
         summary = evaluate_folder(args.ref, args.pred, output, rw, ending, labels, lm.ignore_label, args.np,
-                                  parse_tolerance(args.nsd_tolerance), lm.has_regions, chill=args.chill)
+                                  parse_tolerance(args.nsd_tolerance), lm.has_regions, chill=args.chill,
+                                  plots=args.plots)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     print(format_summary(summary))
     print(f"written: {output}")
+    if args.plots:
+        written = (summary.get("uncertainty") or {}).get("plots") or []
+        folder = os.path.dirname(os.path.abspath(output))
+        print("plots: " + (", ".join(os.path.join(folder, f) for f in written) if written else
+                           f"none (no CASE.npz or CASE_uncertainty{ending} in {args.pred})"))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def compute_case_metrics(reference_file: str, prediction_file: str, image_reader
                          ignore_label: int | None = None, nsd_tolerance: dict | float = DEFAULT_NSD_TOLERANCE_MM,
                          uncertainty: bool = False, has_regions: bool = False) -> dict:
     """nnU-Net's ``compute_metrics`` (same keys and counts) plus ``HD95`` and ``NSD`` per label or region, and, with
-    ``uncertainty``, the case's calibration bins / uncertainty histograms (keys ``_ece_bins``, ``_auroc_hist``)."""
+    ``uncertainty``, the case's pooling statistics (private keys, see ``_uncertainty_stats``)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
 
     seg_ref, props = image_reader_writer.read_seg(reference_file)
@@ -79,10 +79,21 @@ def compute_case_metrics(reference_file: str, prediction_file: str, image_reader
 
 
 def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_regions, has_regions) -> dict:
-    """Calibration bins from CASE.npz and uncertainty histograms from CASE_uncertainty (or the npz's entropy)."""
+    """Per-case statistics that pool exactly over cases (ignore label excluded): from CASE.npz ``_ece_bins``
+    ``(3, 15)`` and ``_brier`` ``(2,)``; from CASE_uncertainty (or the npz's entropy) ``_unc_counts`` (wrong and
+    correct voxels per distinct uncertainty value) and ``_overlap`` ``(L, 3)``, per label or region the counts of
+    uncertainty > ``OVERLAP_THRESHOLD`` vs that label's errors (prediction != reference for the label)."""
     import SimpleITK as sitk
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
 
-    from diffnnunet.evaluation.uncertainty import calibration_bins, confidence_and_correctness, uncertainty_histograms
+    from diffnnunet.evaluation.uncertainty import (
+        OVERLAP_THRESHOLD,
+        brier_sums,
+        calibration_bins,
+        confidence_and_correctness,
+        overlap_counts,
+        uncertainty_counts,
+    )
     from diffnnunet.inference.export import UNCERTAINTY_SUFFIX, normalized_entropy
 
     base, ending = _split_ending(prediction_file)
@@ -94,6 +105,7 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
         conf, correct = confidence_and_correctness(probs, seg_ref[0], labels_or_regions, has_regions)
         keep = np.broadcast_to(valid, conf.shape)
         out["_ece_bins"] = calibration_bins(conf[keep], correct[keep])
+        out["_brier"] = brier_sums(probs, seg_ref[0], labels_or_regions, has_regions, valid)
     unc_file = base + UNCERTAINTY_SUFFIX + ending
     if os.path.isfile(unc_file):
         unc = sitk.GetArrayFromImage(sitk.ReadImage(unc_file)).reshape(seg_ref.shape[1:])
@@ -102,8 +114,62 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
     else:
         return out
     wrong = seg_pred[0] != seg_ref[0]
-    out["_auroc_hist"] = uncertainty_histograms(unc[valid], wrong[valid])
+    out["_unc_counts"] = uncertainty_counts(unc[valid], wrong[valid])
+    uncertain = (unc > OVERLAP_THRESHOLD) & valid
+    out["_overlap"] = np.stack([overlap_counts(uncertain, (region_or_label_to_mask(seg_pred[0], r)
+                                                           != region_or_label_to_mask(seg_ref[0], r)) & valid)
+                                for r in labels_or_regions])
     return out
+
+
+def pool_uncertainty(results: list[dict], labels_or_regions) -> tuple[dict | None, dict]:
+    """Pop the private per-case statistics from ``results`` and pool them: (the summary's ``uncertainty`` section
+    or None when no case had any, the pooled statistics for the plots: ``ece_bins``, ``counts``)."""
+    from diffnnunet.evaluation.uncertainty import (
+        OVERLAP_THRESHOLD,
+        aurc_from_counts,
+        auroc_from_histograms,
+        auroc_tie_bound,
+        binned_auroc,
+        dice_from_overlap,
+        ece_from_bins,
+        merge_counts,
+        optimal_aurc,
+    )
+
+    got = {k: [c.pop(k) for c in results if k in c] for k in ("_ece_bins", "_brier", "_unc_counts", "_overlap")}
+    if not any(got.values()):
+        return None, {}
+    section, pooled = {}, {}
+    if got["_ece_bins"]:
+        bins = pooled["ece_bins"] = sum(got["_ece_bins"])
+        brier = sum(got["_brier"])
+        section["ECE"] = ece_from_bins(bins)
+        section["Brier"] = float(brier[0] / brier[1]) if brier[1] else float("nan")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            section["reliability"] = {"bin_counts": bins[0].astype(np.int64).tolist(),
+                                      "mean_confidence": (bins[1] / bins[0]).tolist(),
+                                      "accuracy": (bins[2] / bins[0]).tolist()}
+    else:
+        section["ECE"] = section["Brier"] = None
+    if got["_unc_counts"]:
+        counts = pooled["counts"] = merge_counts(got["_unc_counts"])
+        n_err, n_all = float(counts["counts"][0].sum()), float(counts["counts"].sum())
+        overlap = sum(got["_overlap"])
+        section.update({
+            "AUROC_uncertainty_vs_error": auroc_from_histograms(counts["counts"]),
+            "AUROC_max_error": auroc_tie_bound(counts),
+            "AUROC_binned_1000": binned_auroc(counts),
+            "AURC": aurc_from_counts(counts),
+            "AURC_optimal": optimal_aurc(n_err, n_all),
+            "error_rate": n_err / n_all if n_all else float("nan"),
+            "uncertainty_error_dice": {str(r): dice_from_overlap(o) for r, o in zip(labels_or_regions, overlap)},
+            "uncertainty_threshold": OVERLAP_THRESHOLD,
+        })
+    else:
+        section["AUROC_uncertainty_vs_error"] = None
+    section["n_cases"] = max(len(v) for v in got.values())
+    return section, pooled
 
 
 def _split_ending(path: str) -> tuple[str, str]:
@@ -117,13 +183,14 @@ def _split_ending(path: str) -> tuple[str, str]:
 def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, image_reader_writer,
                     file_ending: str, labels_or_regions, ignore_label: int | None = None, num_processes: int = 2,
                     nsd_tolerance: dict | float = DEFAULT_NSD_TOLERANCE_MM, has_regions: bool = False,
-                    chill: bool = True) -> dict:
+                    chill: bool = True, plots: bool = False) -> dict:
     """nnU-Net's summary.json (metric_per_case, mean, foreground_mean) with HD95 and NSD, plus an
-    ``uncertainty`` section (pooled ECE and AUROC) when probabilities or uncertainty maps are present."""
+    ``uncertainty`` section (pooled over all voxels: ECE, Brier, exact AUROC, AURC, per-label uncertainty-error
+    Dice) when probabilities or uncertainty maps are present. ``plots``: also write reliability.png and
+    risk_coverage.png beside ``output_file`` (their names listed under ``uncertainty.plots``)."""
     from nnunetv2.evaluation.evaluate_predictions import save_summary_json
     from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, ece_from_bins
     from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
 
     preds = sorted(f for f in os.listdir(folder_pred) if f.endswith(file_ending) and not f.startswith(".")
@@ -150,14 +217,12 @@ def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, 
         np.isnan(c["metrics"][r][m]) for c in results) else float("nan") for m in names} for r in labels_or_regions}
     foreground = {m: float(np.mean([means[r][m] for r in means if r not in (0, "0")])) for m in names}
     summary = {"metric_per_case": results, "mean": means, "foreground_mean": foreground}
-    ece_bins = [c.pop("_ece_bins") for c in results if "_ece_bins" in c]
-    hists = [c.pop("_auroc_hist") for c in results if "_auroc_hist" in c]
-    if ece_bins or hists:
-        summary["uncertainty"] = {
-            "ECE": ece_from_bins(sum(ece_bins)) if ece_bins else None,
-            "AUROC_uncertainty_vs_error": auroc_from_histograms(sum(hists)) if hists else None,
-            "n_cases": max(len(ece_bins), len(hists)),
-        }
+    section, pooled = pool_uncertainty(results, labels_or_regions)
+    if section is not None:
+        summary["uncertainty"] = section
+        if plots and output_file is not None:
+            from diffnnunet.evaluation.plots import write_plots
+            section["plots"] = write_plots(os.path.dirname(os.path.abspath(output_file)), pooled, section)
     [recursive_fix_for_json_export(c) for c in results]
     recursive_fix_for_json_export(summary)
     if output_file is not None:

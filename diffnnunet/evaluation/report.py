@@ -20,6 +20,12 @@ def format_summary(summary: dict, title: str = "") -> str:
                      f"{_fmt(m.get('NSD')):>8s}")
     unc = summary.get("uncertainty")
     if unc:
-        lines.append(f"uncertainty: ECE {_fmt(unc.get('ECE'))}  AUROC(uncertainty vs error) "
-                     f"{_fmt(unc.get('AUROC_uncertainty_vs_error'))}  ({unc.get('n_cases')} cases)")
+        lines.append(f"uncertainty: ECE {_fmt(unc.get('ECE'))}  Brier {_fmt(unc.get('Brier'))}  "
+                     f"AUROC(uncertainty vs error) {_fmt(unc.get('AUROC_uncertainty_vs_error'))} "
+                     f"(1000 bins: {_fmt(unc.get('AUROC_binned_1000'))})  AURC {_fmt(unc.get('AURC'))} "
+                     f"(oracle {_fmt(unc.get('AURC_optimal'))})  ({unc.get('n_cases')} cases)")
+        dice = unc.get("uncertainty_error_dice")
+        if dice:
+            lines.append(f"uncertainty > {unc.get('uncertainty_threshold')} vs errors, Dice per label: "
+                         + "  ".join(f"{k}: {_fmt(v)}" for k, v in dice.items()))
     return "\n".join(lines)
