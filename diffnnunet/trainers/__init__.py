@@ -9,11 +9,12 @@ import pydoc
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from diffnnunet.trainers import distributed
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
 from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer
 
 TRAINERS = {
-    "nnUNetTrainer": nnUNetTrainer,
+    "nnUNetTrainer": distributed.nnUNetTrainer,  # nnU-Net's, with the DDP fixes
     "DiffusionTrainer": DiffusionTrainer,
     "DiffUNetTrainer": DiffUNetTrainer,
     "BerDiffTrainer": BerDiffTrainer,
