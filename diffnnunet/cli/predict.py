@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write CASE_uncertainty (float32, larger = less certain: the method's own map, else "
                         "the normalized entropy)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")
+    p.add_argument("-part_id", type=int, default=0, help="which part this run predicts, 0 <= part_id < num_parts")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=2, help="export processes")
     return p
@@ -93,6 +96,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.steps is not None and args.steps < 1 or args.samples is not None and args.samples < 1:
         raise UserError("--steps and --samples must be >= 1")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise UserError(f"-part_id {args.part_id} -num_parts {args.num_parts}: need 0 <= part_id < num_parts")
     device = parse_device(args.device)
     folder, configuration, folds = resolve_model(args)
     dataset_json = load_json(os.path.join(folder, "dataset.json"))
@@ -112,7 +117,8 @@ def main(argv=None):
     os.makedirs(args.o, exist_ok=True)
     predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
                                  overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
-                                 num_processes_segmentation_export=args.nps)
+                                 num_processes_segmentation_export=args.nps, num_parts=args.num_parts,
+                                 part_id=args.part_id)
 
 
 if __name__ == "__main__":
