@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,9 @@ class DistributedMixin:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
-        super().__init__(plans, configuration, fold, dataset_json, device)
+        with warnings.catch_warnings():  # nnU-Net makes a CUDA GradScaler under DDP even on the CPU (dropped below)
+            warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available.*")
+            super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp:
             self.device = ddp_device(device)
             if self.device.type != "cuda":
