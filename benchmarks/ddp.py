@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="global batch, split over the ranks (default 2)")
     p.add_argument("-n", "--iterations", type=int, default=5)
     p.add_argument("-w", "--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per rank (default: the cores split between the ranks, as diffnnunet_train)")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per rank count, alternating (1, 2, 1, 2, ...); the fastest is reported (default 2)")
     return p
@@ -48,6 +50,8 @@ def _rank(args, out: str):
     from diffnnunet.trainers.distributed import DistributedMixin, ddp_device
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = ddp_device(torch.device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     module = METHODS["diff_unet"](ARCH_3D, 1, 3, {"timesteps": 1000}).to(device)
     if world > 1:
