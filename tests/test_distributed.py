@@ -134,3 +134,15 @@ def test_two_gloo_ranks_sync_like_one_process(kind, tmp_path):
     assert r["bypass_err"] > 1e-3  # past the wrapper nothing is synchronised (the bug this guards against)
     assert r["weights_equal_across_ranks"] and r["weights_moved"] > 1e-4
     assert r["unsynced_rank_diff"] > 1e-4  # unwrapped ranks drift apart on their different batches
+
+
+@pytest.mark.parametrize("method_name", ["diff_unet", "berdiff", "ldseg"])
+def test_training_step_uses_every_parameter(method_name):
+    """DDP runs with ``find_unused_parameters=False`` (``ddp_find_unused_parameters``): a parameter without a
+    gradient would make the second synchronised step fail, so every method's loss must reach all of them."""
+    from diffnnunet.methods import METHODS
+    method = METHODS[method_name](ARCH_2D, 2, NUM_CLASSES, {"timesteps": 1000})
+    image, _, x0, _, _ = _batch(3, 2)
+    method(image, x0, None, mode="loss")["loss"].backward()
+    assert not method.ddp_find_unused_parameters
+    assert [n for n, p in method.named_parameters() if p.grad is None] == []
