@@ -61,6 +61,10 @@ def test_num_gpus_errors(env, capsys):
     with pytest.raises(SystemExit):
         train.main([str(IDS[2]), "DiffUNetTrainer", "0", "-device", "cpu", "-num_gpus", "0"])
     assert "-num_gpus must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # bad input is reported once, before any rank is spawned
+        train.main(["999", "DiffUNetTrainer", "0", "-device", "cpu", "-num_gpus", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("diffnnunet_train: error: dataset ID 999") and "rank" not in err
 
 
 def _read(path):

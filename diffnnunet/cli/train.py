@@ -38,8 +38,9 @@ def default_configuration(plans: dict) -> str:
 
 
 def load_trainer(dataset: str, trainer_name: str, fold, configuration=None, plans_identifier=None,
-                 device="cpu", continue_training: bool = False):
-    """Instantiate a registered trainer on preprocessed data (no class-name scan)."""
+                 device="cpu", continue_training: bool = False, check_only: bool = False):
+    """Instantiate a registered trainer on preprocessed data (no class-name scan). ``check_only``: validate the
+    inputs (one-line errors) and return None, e.g. once before spawning the ranks of a distributed run."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
     from diffnnunet.trainers import default_plans_for, get_trainer_class
@@ -72,6 +73,8 @@ def load_trainer(dataset: str, trainer_name: str, fold, configuration=None, plan
     if not os.path.isdir(data_folder):
         raise UserError(f"{data_folder}: preprocessed data missing (run diffnnunet_plan_and_preprocess -d "
                         f"{dataset} -c {configuration})")
+    if check_only:
+        return None
     plans["continue_training"] = continue_training  # nnUNetTrainer.__init__ pops it
     trainer = cls(plans=plans, configuration=configuration, fold=fold,
                   dataset_json=load_json(join(folder, "dataset.json")), device=device)
@@ -104,6 +107,7 @@ def main(argv=None):
         raise UserError("distributed training runs on cuda (NCCL) or cpu (gloo), not mps")
     if device.type == "cuda" and args.num_gpus > torch.cuda.device_count():
         raise UserError(f"-num_gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA devices visible")
+    load_trainer(args.dataset, args.trainer, args.fold, args.configuration, args.plans, check_only=True)
     launch(_rank_main, (args, device), args.num_gpus, device.type)
 
 
