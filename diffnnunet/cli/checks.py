@@ -153,7 +153,7 @@ def check_raw_dataset(raw_folder: str, num_processes: int = 2) -> dict:
     return dj
 
 
-def screen_prediction_inputs(input_folder: str, dataset_json: dict, reader_class=None
+def screen_prediction_inputs(input_folder: str, dataset_json: dict, reader_class=None, part: tuple = (1, 0)
                              ) -> tuple[list[list[str]], list[tuple[str, str]]]:
     """Validate a folder of CASE_XXXX files to predict, case by case.
 
@@ -161,6 +161,8 @@ def screen_prediction_inputs(input_folder: str, dataset_json: dict, reader_class
     and complete in channels, and ``(case or file, one-line reason)`` for every other case or stray file. Only a
     problem with the folder itself (missing, no images at all) raises ``UserError``. ``reader_class``: the model's
     reader (plans' ``image_reader_writer``); default: nnU-Net's choice for the dataset.json and the first file.
+    ``part = (num_parts, part_id)``: only every num_parts-th case (sorted by name) from ``part_id`` on is checked
+    and returned, as nnU-Net splits a prediction into parts; stray files are reported by part 0 only.
     """
     if not os.path.isdir(input_folder):
         raise UserError(f"{input_folder}: input folder not found")
@@ -180,6 +182,9 @@ def screen_prediction_inputs(input_folder: str, dataset_json: dict, reader_class
         cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(input_folder, f)
     if not cases and not bad:
         raise UserError(f"{input_folder}: no input images ending with {ending}")
+    num_parts, part_id = part
+    cases = dict(list(cases.items())[part_id::num_parts])
+    bad = bad if part_id == 0 else []
     good = []
     rw = reader_class() if reader_class is not None else None
     for case, channels in tqdm(cases.items(), desc="checking inputs", disable=len(cases) < 10):

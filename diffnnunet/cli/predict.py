@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the diffusion models' native map, from the sampling chains of each window (default entropy: "
                         "predictive entropy of their mean; mutual_information: the chains' disagreement; std)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")
+    p.add_argument("-part_id", type=int, default=0, help="which part this run predicts, 0 <= part_id < num_parts")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     p.add_argument("-nps", type=int, default=2, help="export processes")
     return p
@@ -100,10 +103,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.steps is not None and args.steps < 1 or args.samples is not None and args.samples < 1:
         raise UserError("--steps and --samples must be >= 1")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise UserError(f"-part_id {args.part_id} -num_parts {args.num_parts}: need 0 <= part_id < num_parts")
     device = parse_device(args.device)
     folder, configuration, folds = resolve_model(args)
     dataset_json = load_json(os.path.join(folder, "dataset.json"))
-    input_lists, bad = screen_prediction_inputs(args.i, dataset_json, model_reader(folder))
+    # this part's share of the cases (nnU-Net's split: every num_parts-th case), checked case by case
+    input_lists, bad = screen_prediction_inputs(args.i, dataset_json, model_reader(folder),
+                                                part=(args.num_parts, args.part_id))
     predictor = DiffusionPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                    use_mirroring=(args.mirror or not args.disable_tta), device=device,
                                    steps=args.steps, samples=args.samples, seed=args.seed,

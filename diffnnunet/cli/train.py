@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "e.g. DiffnnUNetPlans for DiffUNetTrainer; nnUNetPlans for "
                                                        "nnUNetTrainer)")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="data-parallel processes on this machine (DDP; NCCL on cuda, gloo on cpu); the plans' batch "
+                        "size is split across them. Under torchrun leave it at 1 (documentation/scaling.md)")
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
     p.add_argument("--iterations-per-epoch", type=int, default=None)
     p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch")
@@ -35,8 +38,9 @@ def default_configuration(plans: dict) -> str:
 
 
 def load_trainer(dataset: str, trainer_name: str, fold, configuration=None, plans_identifier=None,
-                 device="cpu", continue_training: bool = False):
-    """Instantiate a registered trainer on preprocessed data (no class-name scan)."""
+                 device="cpu", continue_training: bool = False, check_only: bool = False):
+    """Instantiate a registered trainer on preprocessed data (no class-name scan). ``check_only``: validate the
+    inputs (one-line errors) and return None, e.g. once before spawning the ranks of a distributed run."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
     from diffnnunet.trainers import default_plans_for, get_trainer_class
@@ -69,6 +73,8 @@ def load_trainer(dataset: str, trainer_name: str, fold, configuration=None, plan
     if not os.path.isdir(data_folder):
         raise UserError(f"{data_folder}: preprocessed data missing (run diffnnunet_plan_and_preprocess -d "
                         f"{dataset} -c {configuration})")
+    if check_only:
+        return None
     plans["continue_training"] = continue_training  # nnUNetTrainer.__init__ pops it
     trainer = cls(plans=plans, configuration=configuration, fold=fold,
                   dataset_json=load_json(join(folder, "dataset.json")), device=device)
@@ -87,8 +93,33 @@ def find_resume_checkpoint(output_folder: str) -> str | None:
 def main(argv=None):
     import torch
 
+    from diffnnunet.trainers.distributed import launch, under_torchrun
+
     args = build_parser().parse_args(argv)
     device = parse_device(args.device)
+    if args.num_gpus < 1:
+        raise UserError(f"-num_gpus must be >= 1, got {args.num_gpus}")
+    if args.num_gpus == 1 and not under_torchrun():
+        return train(args, device)
+    if args.num_gpus > 1 and under_torchrun():
+        raise UserError("-num_gpus: torchrun already started the processes (--nproc_per_node); drop -num_gpus")
+    if device.type == "mps":
+        raise UserError("distributed training runs on cuda (NCCL) or cpu (gloo), not mps")
+    if device.type == "cuda" and args.num_gpus > torch.cuda.device_count():
+        raise UserError(f"-num_gpus {args.num_gpus}: only {torch.cuda.device_count()} CUDA devices visible")
+    load_trainer(args.dataset, args.trainer, args.fold, args.configuration, args.plans, check_only=True)
+    launch(_rank_main, (args, device), args.num_gpus, device.type)
+
+
+def _rank_main(args, device):
+    """One rank of a distributed run (picklable for spawning): errors as one line naming the rank."""
+    cli_entry(f"diffnnunet_train (rank {os.environ.get('RANK', 0)})")(lambda _argv: train(args, device))()
+
+
+def train(args, device):
+    """Train (and validate) one fold: one process, or one rank of a distributed run (global rank 0 reports)."""
+    import torch
+
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     trainer = load_trainer(args.dataset, args.trainer, args.fold, args.configuration, args.plans, device,
@@ -107,9 +138,10 @@ def main(argv=None):
                 raise UserError(f"{final}: not found (train this fold first)")
             ckpt = final
         if ckpt is None:
-            print(f"no checkpoint in {trainer.output_folder}; starting a new training")
+            if trainer.local_rank == 0:  # nnU-Net's local_rank is the global rank
+                print(f"no checkpoint in {trainer.output_folder}; starting a new training")
         else:
-            trainer.load_checkpoint(ckpt)
+            trainer.load_checkpoint(ckpt)  # every rank loads the same checkpoint
     if not args.only_val:
         trainer.run_training()
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
@@ -119,7 +151,7 @@ def main(argv=None):
     # every trainer's final validation (the nnU-Net baseline too) reports HD95 and NSD beside Dice and IoU
     with swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
         trainer.perform_actual_validation(args.npz)
-    if args.tune_sampling:
+    if args.tune_sampling and trainer.local_rank == 0:  # after the validation's final barrier; one rank tunes
         from diffnnunet.cli.tune_sampling import run_tuning
         from diffnnunet.trainers import is_diffusion_trainer
         if not is_diffusion_trainer(type(trainer)):

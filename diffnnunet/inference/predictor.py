@@ -65,10 +65,11 @@ class DiffusionPredictor(nnUNetPredictor):
     """``steps``/``samples`` override the sampling budget, which is otherwise the model folder's tuned one
     (``sampling.json``, see :mod:`diffnnunet.inference.tuning`; ignored with ``use_tuned_sampling=False``) or else
     the plans' ``sampling_steps``/``samples_per_step``; ``seed`` makes a prediction reproducible (one generator,
-    advanced window by window). ``precision`` is the sampler's autocast (:func:`autocast_dtype`); ``compile``
-    runs ``torch.compile`` on the method's per-step modules (``step_modules()``; None: nnU-Net's ``nnUNet_compile``
-    environment variable decides). ``uncertainty`` is the native map written with ``save_uncertainty``: one of
-    :data:`diffnnunet.methods.uncertainty.MEASURES`, computed per window from the chains before blending."""
+    restarted for every case, advanced window by window). ``precision`` is the sampler's autocast
+    (:func:`autocast_dtype`); ``compile`` runs ``torch.compile`` on the method's per-step modules
+    (``step_modules()``; None: nnU-Net's ``nnUNet_compile`` environment variable decides). ``uncertainty`` is the
+    native map written with ``save_uncertainty``: one of :data:`diffnnunet.methods.uncertainty.MEASURES`, computed
+    per window from the chains before blending."""
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
                  save_uncertainty: bool = False, use_tuned_sampling: bool = True, precision: str = "auto",
@@ -95,9 +96,13 @@ class DiffusionPredictor(nnUNetPredictor):
             self._prepare_sampler_network()
 
     def _prepare_sampler_network(self):
-        """Undo nnU-Net's ``torch.compile(network)`` (it compiles ``forward``, which the sampler does not call as a
-        whole) and, with ``compile_steps``, compile the modules that run at every step instead (in place)."""
+        """Undo a trainer's DDP wrapper (final validation under DDP; sampling needs no gradient sync) and nnU-Net's
+        ``torch.compile(network)`` (it compiles ``forward``, which the sampler does not call as a whole) and, with
+        ``compile_steps``, compile the modules that run at every step instead (in place)."""
         from torch._dynamo.eval_frame import OptimizedModule
+        from torch.nn.parallel import DistributedDataParallel
+        if isinstance(self.network, DistributedDataParallel):
+            self.network = self.network.module
         if isinstance(self.network, OptimizedModule):
             self.network = self.network._orig_mod
         if self.compile_steps:
@@ -142,8 +147,8 @@ class DiffusionPredictor(nnUNetPredictor):
             self.diffusion = None
             return
         self.diffusion = {**DEFAULT_DIFFUSION.get(section.get("method"), {}), **section}  # plans win
-        seed = self.seed if self.seed is not None else self.diffusion["seed"]
-        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.sampling_seed = int(self.seed if self.seed is not None else self.diffusion["seed"])
+        self.generator = torch.Generator(device=self.device).manual_seed(self.sampling_seed)
 
     @property
     def sampling_steps(self) -> int:
@@ -270,6 +275,14 @@ class DiffusionPredictor(nnUNetPredictor):
         if torch.any(torch.isinf(predicted)):
             raise RuntimeError("inf in the blended prediction (float16 overflow of the Gaussian weights)")
         return predicted
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's per-case prediction (all folds), with the sampling generator restarted at the seed for every
+        case: a case's prediction does not depend on the cases predicted before it (``-num_parts`` splits,
+        ``--continue_prediction``, the input order, validation cases spread over DDP ranks)."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.sampling_seed)
+        return super().predict_logits_from_preprocessed_data(data)
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:

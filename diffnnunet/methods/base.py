@@ -49,8 +49,13 @@ class DiffusionMethod(nn.Module):
     """Interface of a method module: the whole model of one paper (networks + noise process) as one nn.Module,
     so nnU-Net checkpoints, ``build_network_architecture`` and the predictor handle it like any network.
 
-    ``training_loss(image (B, M, *sp), x0 (B, N, *sp) in {0,1}, mask, generator) -> dict`` with key ``loss``
-    (summed, differentiable) and one detached entry per term.
+    ``training_loss(image (B, M, *sp), x0 (B, N, *sp) in {0,1}, mask, generator, t=None, noise=None) -> dict``
+    with key ``loss`` (summed, differentiable) and one detached entry per term; ``t`` ``(B,)`` and ``noise`` fix the
+    otherwise random timesteps and noise (tests compare gradients with them).
+    ``forward(*args, mode="network")`` is the one entry point: ``mode="network"`` runs :meth:`network_forward` (the
+    per-step network call the sampler makes as ``self(...)``), ``mode="loss"`` runs :meth:`training_loss`. Training
+    calls ``network(image, x0, mask, mode="loss")`` so that a DistributedDataParallel wrapper sees the training
+    computation in its forward and all-reduces the gradients (calling ``training_loss`` directly bypasses it).
     ``sample(image, steps, samples, generator, chunk, return_uncertainty, uncertainty)`` -> probabilities
     ``(B, N, *sp)``, and with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *sp)`` (larger = less
     certain; a measure of :mod:`diffnnunet.methods.uncertainty` over the chains) or None when the
@@ -64,6 +69,11 @@ class DiffusionMethod(nn.Module):
     probabilities = "per_channel"
     #: True when a trainer must call ``training_step`` itself (extra optimisers, e.g. an adversarial critic)
     custom_optimisation = False
+    #: ``forward(mode=...)`` -> the method it runs; a method with a second network (a critic) adds its own loss here
+    #: (e.g. ``{"loss": "training_loss", "critic_loss": "critic_loss"}``) so that step also runs through DDP
+    forward_modes = {"loss": "training_loss"}
+    #: DDP's ``find_unused_parameters``: True for a method whose loss leaves some parameters out of a step
+    ddp_find_unused_parameters = False
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
@@ -77,7 +87,21 @@ class DiffusionMethod(nn.Module):
         Methods whose settings depend on the configuration (e.g. a latent's downsampling) override this."""
         return settings
 
-    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
+    def forward(self, *args, mode: str = "network", **kwargs):
+        """``mode="network"``: :meth:`network_forward`; another mode: the method ``forward_modes[mode]`` names."""
+        if mode == "network":
+            return self.network_forward(*args, **kwargs)
+        if mode not in self.forward_modes:
+            raise ValueError(f"unknown forward mode '{mode}' (known: network, {', '.join(self.forward_modes)})")
+        return getattr(self, self.forward_modes[mode])(*args, **kwargs)
+
+    def network_forward(self, image: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One network evaluation (what ``self(...)`` runs); ``image`` ``(B, M, *spatial)`` alone must also work
+        (nnU-Net's plain ``network(x)`` calls) and return label logits ``(B, N, *spatial)``."""
+        raise NotImplementedError
+
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         raise NotImplementedError
 
     def step_modules(self) -> list:

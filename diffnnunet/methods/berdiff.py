@@ -81,7 +81,7 @@ class BerDiff(DiffusionMethod):
         m = BerDiff(arch_kwargs, input_channels, num_classes, {"timesteps": 2})
         return int(m.network.compute_conv_feature_map_size(patch_size))
 
-    def forward(self, image: torch.Tensor, y_t: torch.Tensor | None = None,
+    def network_forward(self, image: torch.Tensor, y_t: torch.Tensor | None = None,
                 t: torch.Tensor | None = None) -> torch.Tensor:
         """Noise logits ``(B, N, *spatial)`` for ``image`` ``(B, M, *spatial)``, ``y_t`` ``(B, N, *spatial)`` in {0, 1},
         ``t`` ``(B,)``. Without ``y_t`` (nnU-Net's plain ``network(x)`` calls) an all-zero y_t at t = T-1 stands in."""
@@ -106,13 +106,14 @@ class BerDiff(DiffusionMethod):
             self.per_channel.fill_(True)
             self._sync_mode()
 
-    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """Algorithm 1: L = L_KL (Eq. 8; the decoder NLL -log p(y_0 | y_1) at t = 1) + lambda L_BCE (Eq. 9), both
         averaged over the voxels where ``mask`` is 1. ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}."""
         self._observe_targets(x0)
         proc = self.process
-        t = proc.sample_timesteps(x0.shape[0], x0.device, generator)
-        noise = proc.sample_noise(x0, t, generator)
+        t = proc.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        noise = proc.sample_noise(x0, t, generator) if noise is None else noise
         y_t = proc.q_sample(x0, t, noise)
         logits = self(image, y_t, t)
         mu_hat = proc.calibrate(y_t, proc.noise_probs(logits), t)  # Eq. 7

@@ -58,7 +58,7 @@ class DiffUNet(DiffusionMethod):
                    + m.feature_encoder.feature_map_size(patch_size)
                    + m.feature_encoder.stage_output_size(patch_size))
 
-    def forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
+    def network_forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
                 features=None) -> torch.Tensor:
         """Logit of x0, ``(B, N, *spatial)``. Without ``x_t`` (nnU-Net's plain ``network(x)`` calls) a zero label
         map at t = T-1 stands in, so the module still maps images to label logits."""
@@ -69,11 +69,13 @@ class DiffUNet(DiffusionMethod):
             features = self.feature_encoder(image)
         return self.denoiser(torch.cat([image, x_t], dim=1), t, added=features)
 
-    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """L = L_dice + L_bce + L_mse on x0 (Eq. 3). ``x0`` in {0,1}; the diffusion runs on 2 x0 - 1."""
         x0_scaled = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.process.q_sample(x0_scaled, t, noise)
         logits = self(image, x_t, t)
         probs = torch.sigmoid(logits)

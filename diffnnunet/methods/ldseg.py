@@ -179,7 +179,7 @@ class LDSeg(DiffusionMethod):
         return self.estimate_x0(eps_hat, z_t, t)
 
     # -- interface ---------------------------------------------------------------------------------------------
-    def forward(self, image: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    def network_forward(self, image: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """Class logits ``(B, N, *spatial)`` of one deterministic DDIM chain started at the prior's mode z_T = 0
         (for nnU-Net's plain ``network(x)`` calls; prediction uses :meth:`sample`)."""
         z_i = self.encode_image(image)
@@ -203,15 +203,17 @@ class LDSeg(DiffusionMethod):
                                  "for region-based datasets plan with multiclass 'auto' or 'per_channel'")
             self._targets_checked = True
 
-    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None) -> dict:
+    def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """Algorithm 1: L = L_CE + gamma L_DSC (Eqs. 14-16) on f_label-dec(z_dn) + lambda ||eps_hat - eps||^2
         (Eqs. 17-18). ``image`` ``(B, M, *sp)``, ``x0`` one-hot ``(B, N, *sp)``, ``mask`` ``(B, 1, *sp)`` or None.
         Ignored voxels enter the label encoder as all-zero (unknown) and are left out of every term."""
         self._check_targets(x0)
         z_l = self.encode_label(x0 if mask is None else x0 * mask)
         z_i = self.encode_image(image)
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator)
-        noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        if noise is None:
+            noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
         z_t = self.process.q_sample(z_l, t, noise)
         eps_hat = self.predict_noise(z_t, z_i, t)
         logits = self.decode(self.denoise(z_t, eps_hat.float(), t))

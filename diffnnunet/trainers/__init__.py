@@ -14,7 +14,7 @@ from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
 from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer
 
 TRAINERS = {
-    "nnUNetTrainer": nnUNetTrainer,
+    "nnUNetTrainer": nnUNetTrainer,  # nnU-Net's, with safe checkpoints and the DDP fixes (baseline.py)
     "DiffusionTrainer": DiffusionTrainer,
     "DiffUNetTrainer": DiffUNetTrainer,
     "BerDiffTrainer": BerDiffTrainer,

@@ -16,6 +16,7 @@ from torch import autocast
 from diffnnunet.methods import METHODS, encode_target
 from diffnnunet.networks import resolve_arch_kwargs
 from diffnnunet.trainers.checkpointing import SafeCheckpointMixin
+from diffnnunet.trainers.distributed import DistributedMixin
 from diffnnunet.trainers.lr_schedule import WarmupCosineLR
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
@@ -28,7 +29,7 @@ def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
     return section
 
 
-class DiffusionTrainer(SafeCheckpointMixin, nnUNetTrainer):
+class DiffusionTrainer(SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
     """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method."""
 
     method_name: str | None = None
@@ -95,8 +96,8 @@ class DiffusionTrainer(SafeCheckpointMixin, nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         x0, mask = self._encode(batch["target"])
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            terms = self.method.training_loss(data, x0, mask)
+        with self._autocast():  # through the (DDP-wrapped) network's forward: gradients are all-reduced under DDP
+            terms = self.network(data, x0, mask, mode="loss")
         loss = terms["loss"]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
