@@ -13,6 +13,7 @@ import shutil
 import time
 
 from diffnnunet.cli.common import cli_entry
+from diffnnunet.utils import partial_path
 
 DATASET_ID = 990
 TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer")
@@ -81,36 +82,67 @@ def _predict(trainer_name: str, images: str, out: str, args, device) -> float:
 
 
 def _figure(raw: str, predictions: dict, out_png: str, n_cases: int = 3) -> None:
+    """Rows: test slices. Columns: image, ground truth, then per trainer its prediction, its errors (voxels whose
+    label differs from the ground truth) and its uncertainty map; a legend for the labels and a colour bar for
+    the uncertainty (all on one scale, [0, 1])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     import SimpleITK as sitk
+    from matplotlib.patches import Patch
 
     def read(path):
-        return sitk.GetArrayFromImage(sitk.ReadImage(path))
+        return np.rot90(sitk.GetArrayFromImage(sitk.ReadImage(path)).T)
 
     cases = sorted(f[:-12] for f in os.listdir(os.path.join(raw, "imagesTs")))
     cases = [cases[i] for i in np.linspace(0, len(cases) - 1, min(n_cases, len(cases))).astype(int)]
-    cols = 2 + 2 * len(predictions)
-    fig, axes = plt.subplots(len(cases), cols, figsize=(2.2 * cols, 2.4 * len(cases)), squeeze=False)
+    cols = 2 + 3 * len(predictions)
+    fig, axes = plt.subplots(len(cases), cols, figsize=(2.0 * cols + 0.8, 2.2 * len(cases) + 0.6), squeeze=False)
+    labels = {"viridis": 2}
+    unc_image = None
     for r, case in enumerate(cases):
-        panels = [("image", read(os.path.join(raw, "imagesTs", case + "_0000.nii.gz")), "gray"),
-                  ("ground truth", read(os.path.join(raw, "labelsTs", case + ".nii.gz")), "viridis")]
+        truth = read(os.path.join(raw, "labelsTs", case + ".nii.gz"))
+        panels = [("image", read(os.path.join(raw, "imagesTs", case + "_0000.nii.gz")), "gray", None),
+                  ("ground truth", truth, "viridis", labels["viridis"])]
         for name, folder in predictions.items():
-            panels.append((f"{name}\nprediction", read(os.path.join(folder, case + ".nii.gz")), "viridis"))
-            panels.append((f"{name}\nuncertainty", read(os.path.join(folder, case + "_uncertainty.nii.gz")),
-                           "magma"))
-        for c, (title, arr, cmap) in enumerate(panels):
+            pred = read(os.path.join(folder, case + ".nii.gz"))
+            panels += [(f"{name}\nprediction", pred, "viridis", labels["viridis"]),
+                       (f"{name}\nerrors", (pred != truth).astype(np.uint8), "Reds", 1),
+                       (f"{name}\nuncertainty", read(os.path.join(folder, case + "_uncertainty.nii.gz")), "magma",
+                        1)]
+        for c, (title, arr, cmap, vmax) in enumerate(panels):
             ax = axes[r, c]
-            vmax = 1 if "uncertainty" in title else (2 if cmap == "viridis" else None)
-            ax.imshow(np.rot90(arr.T), cmap=cmap, vmin=0 if vmax else None, vmax=vmax)
+            shown = ax.imshow(arr, cmap=cmap, vmin=0 if vmax else None, vmax=vmax, interpolation="nearest")
+            unc_image = shown if "uncertainty" in title else unc_image
             ax.set_axis_off()
             if r == 0:
                 ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    cmap = plt.get_cmap("viridis")
+    handles = [Patch(color=cmap(v / 2), label=t) for v, t in ((0, "background"), (1, "grey matter"),
+                                                              (2, "white matter"))]
+    handles.append(Patch(color=plt.get_cmap("Reds")(1.0), label="error (prediction != ground truth)"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 0.93, 1))
+    if unc_image is not None:
+        bar = fig.colorbar(unc_image, cax=fig.add_axes((0.945, 0.15, 0.012, 0.7)))
+        bar.set_label("uncertainty (0 = certain)", fontsize=8)
+    tmp = partial_path(out_png)
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def comparison_table(summaries: dict) -> str:
+    """One line per trainer: foreground Dice and HD95, and the uncertainty quality, side by side."""
+    head = (f"{'trainer':>16s} {'Dice':>7s} {'HD95':>7s} {'ECE':>7s} {'Brier':>7s} {'AUROC':>7s} {'AURC':>7s}")
+    lines = [head]
+    for trainer, s in summaries.items():
+        fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
+        values = [fg.get("Dice"), fg.get("HD95"), unc.get("ECE"), unc.get("Brier"),
+                  unc.get("AUROC_uncertainty_vs_error"), unc.get("AURC")]
+        lines.append(f"{trainer:>16s} " + " ".join(f"{float('nan') if v is None else v:7.4f}" for v in values))
+    return "\n".join(lines)
 
 
 @cli_entry("diffnnunet_demo")
@@ -136,7 +168,7 @@ def main(argv=None):
     json.dump(plans, open(plans_file, "w"), indent=2)
     t_plan = time.perf_counter() - t0
     out_root = os.path.join(args.workdir, "predictions")
-    report, predictions = [], {}
+    report, predictions, summaries = [], {}, {}
     for trainer in args.trainers:
         t_train = _train(trainer, args, device)
         pred = os.path.join(out_root, trainer)
@@ -144,6 +176,7 @@ def main(argv=None):
         summary = evaluate_folder(os.path.join(raw, "labelsTs"), pred, os.path.join(pred, "summary.json"),
                                   SimpleITKIO(), ".nii.gz", [1, 2], num_processes=2)
         predictions[trainer] = pred
+        summaries[trainer] = summary
         n_test = len(os.listdir(os.path.join(raw, "labelsTs")))
         report.append(format_summary(summary, f"\n== {trainer}: {args.epochs} epochs x {args.iterations_per_epoch}"
                                               f" iterations, {n_test} test slices (labels 1 = grey, 2 = white "
@@ -154,6 +187,8 @@ def main(argv=None):
     figure = os.path.join(args.workdir, "predictions.png")
     _figure(raw, predictions, figure)
     print("\n".join(report))
+    print("\n== side by side (foreground mean; uncertainty of the pooled test voxels, exact AUROC)\n"
+          + comparison_table(summaries))
     print(f"\nplanning + preprocessing {t_plan:.1f} s; total {time.perf_counter() - t0:.1f} s")
     print(f"pictures: {figure}, " + ", ".join(os.path.join(args.workdir, f"progress_{t}.png")
                                               for t in args.trainers))

@@ -22,4 +22,9 @@ def test_demo_tiny_budget(tmp_path, capsys, monkeypatch):
         assert summary["uncertainty"]["n_cases"] > 0
         assert (work / f"progress_{trainer}.png").stat().st_size > 0
     assert "AUROC" in out and "time: training" in out
+    table = out[out.index("== side by side"):].split("\n\n")[0].splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
+    assert set(rows) >= {"nnUNetTrainer", "DiffUNetTrainer"} and all(len(v) == 6 for v in rows.values())
+    assert float(rows["DiffUNetTrainer"][0]) == pytest.approx(
+        json.load(open(work / "predictions" / "DiffUNetTrainer" / "summary.json"))["foreground_mean"]["Dice"], abs=1e-4)
     assert os.path.getsize(work / "predictions.png") > 10000

@@ -284,7 +284,7 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     out = str(tmp_path / "pred")
     images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "LDSegTrainer", "-f", "0", "-device", "cpu",
-                  "--save_uncertainty", "--save_probabilities", "--samples", "3"])
+                  "--save_uncertainty", "--save_probabilities", "--samples", "3", "--uncertainty", "std"])
     for case in sorted({f[:-12] for f in os.listdir(images)}):
         src = sitk.ReadImage(os.path.join(images, case + "_0000.nii.gz"))
         for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
