@@ -213,8 +213,11 @@ def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
         _train(2)
     tune_sampling.main(["-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "0", "--steps", "1", "3",
                         "--samples", "1", "2", "--max_cases", "1", "--tolerance", "0.5", "-device", "cpu"])
-    assert "<- chosen" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "<- chosen" in out and "temperature" in out
     tuned = json.load(open(os.path.join(folder, "sampling.json")))
+    cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
+    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["voxels"] > 0
     grid = {(r["steps"], r["samples"]): r["dice"] for r in tuned["grid"]}
     assert set(grid) == {(1, 1), (1, 2), (3, 1), (3, 2)}
     best = max(grid.values())
@@ -225,6 +228,7 @@ def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [0])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen
+    assert predictor.diffusion["temperature"] == pytest.approx(cal["temperature"])
     predictor = DiffusionPredictor(device=torch_cpu(), steps=5, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [0])
     assert predictor.sampling_steps == 5  # the command line wins

@@ -25,13 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "good (default 0.5, i.e. 0.005 Dice)")
     p.add_argument("--max_cases", type=int, default=None, help="validation cases per fold (default: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plans')")
+    p.add_argument("--no_calibration", action="store_true",
+                   help="do not fit the temperature of the exported probabilities (fitted by default at the chosen "
+                        "budget on the same validation cases; applied by diffnnunet_predict)")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
 
 
 def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds=None,
                checkpoint="checkpoint_final.pth", steps=None, samples=None, tolerance_points: float = 0.5,
-               max_cases=None, seed=None, device=None):
+               max_cases=None, seed=None, device=None, calibration: bool = True):
     """Resolve the model like diffnnunet_predict, tune, print the table; returns the stored summary."""
     from diffnnunet.cli.predict import resolve_model
     from diffnnunet.inference.tuning import DEFAULT_SAMPLES, DEFAULT_STEPS, SAMPLING_FILE, tune_sampling
@@ -48,7 +51,8 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
         raise UserError("--steps and --samples values must be >= 1")
     try:
         summary = tune_sampling(folder, pre, folds, steps, samples, tolerance_points / 100,
-                                device or parse_device("auto"), checkpoint, max_cases, seed)
+                                device or parse_device("auto"), checkpoint, max_cases, seed,
+                                calibration=calibration)
     except RuntimeError as e:
         raise UserError(str(e)) from None
     print(f"{'steps':>5} {'samples':>7} {'evals':>5}  Dice")
@@ -58,6 +62,11 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
         print(f"{r['steps']:>5} {r['samples']:>7} {r['evaluations']:>5}  {r['dice']:.4f}{mark}")
     print(f"{os.path.join(folder, SAMPLING_FILE)}: {summary['sampling_steps']} steps x {summary['samples_per_step']} "
           f"samples (Dice {summary['dice']:.4f}, best {summary['best']['dice']:.4f}, {summary['cases']} cases)")
+    cal = summary.get("calibration")
+    if cal:
+        print(f"temperature {cal['temperature']:.3f}: validation ECE {cal['ece_before']:.4f} -> "
+              f"{cal['ece_after']:.4f}, "
+              f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} ({cal['voxels']} voxels)")
     return summary
 
 
@@ -65,7 +74,7 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
 def main(argv=None):
     args = build_parser().parse_args(argv)
     run_tuning(args.d, args.tr, args.c, args.p, args.f, args.chk, args.steps, args.samples, args.tolerance,
-               args.max_cases, args.seed, parse_device(args.device))
+               args.max_cases, args.seed, parse_device(args.device), calibration=not args.no_calibration)
 
 
 if __name__ == "__main__":

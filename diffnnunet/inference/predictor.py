@@ -287,13 +287,18 @@ class DiffusionPredictor(nnUNetPredictor):
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
         """Gaussian-blended probabilities, returned in the logit space nnU-Net's export expects (see
-        :func:`probabilities_to_logits`); a native uncertainty channel, when present, stays last and unchanged."""
+        :func:`probabilities_to_logits`), divided by the tuned temperature (``sampling.json``'s calibration, 1
+        without one; :mod:`~diffnnunet.inference.calibration`); a native uncertainty channel, when present, stays
+        last and unchanged."""
         out = super().predict_sliding_window_return_logits(input_image)
         if self.diffusion is None:
             return out
         heads = self.label_manager.num_segmentation_heads
         logits = probabilities_to_logits(out[:heads], self.label_manager.has_regions,
                                          getattr(self.network, "probabilities", "per_channel"))
+        temperature = float(self.diffusion.get("temperature", 1.0))
+        if temperature != 1.0:
+            logits = logits / temperature
         return torch.cat([logits, out[heads:].float()]) if out.shape[0] > heads else logits
 
     # -- file prediction with atomic export (+ uncertainty maps) --------------------------------------------------

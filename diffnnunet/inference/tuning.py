@@ -1,5 +1,6 @@
 """The pipeline picks its own sampling budget: validation Dice over a grid of steps x samples, and the cheapest
-setting within a tolerance of the best, stored as ``sampling.json`` in the model folder, where
+setting within a tolerance of the best; at that budget it also fits a temperature to the validation voxels
+(:mod:`~diffnnunet.inference.calibration`). Both are stored as ``sampling.json`` in the model folder, where
 :class:`~diffnnunet.inference.predictor.DiffusionPredictor` finds it (``--steps``/``--samples`` still win).
 
 Dice is computed as nnU-Net's fold validation counts it (tp/fp/fn per foreground label or region, pooled over
@@ -39,7 +40,12 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
         return None
     try:
         tuned = load_json(path)
-        return {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+        out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+        if tuned.get("calibration"):
+            out["temperature"] = float(tuned["calibration"]["temperature"])
+            if not out["temperature"] > 0:
+                raise ValueError(f"temperature {out['temperature']} is not > 0")
+        return out
     except (ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"{path}: unreadable sampling budget ({e}); delete it or re-run "
                            "diffnnunet_tune_sampling") from None
@@ -62,6 +68,27 @@ def _dice(counts: np.ndarray) -> float:
     return float(np.nanmean(dice)) if np.any(denom > 0) else float("nan")
 
 
+def _predict(predictor, data: torch.Tensor, steps: int, samples: int) -> torch.Tensor:
+    """Blended logits ``(C, *spatial)`` of one preprocessed case at a budget, the generator reset to the seed."""
+    predictor.steps_override, predictor.samples_override = steps, samples
+    predictor.generator.manual_seed(int(predictor.seed if predictor.seed is not None else predictor.diffusion["seed"]))
+    return predictor.predict_sliding_window_return_logits(data)
+
+
+def _calibrate(passes: list, steps: int, samples: int) -> dict:
+    """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case)."""
+    from diffnnunet.inference.calibration import calibrate, sample_voxels
+    rng = np.random.default_rng(0)
+    voxels = []
+    for predictor, dataset, keys in passes:
+        lm = predictor.label_manager
+        for key in tqdm(keys, desc="calibration"):
+            data, seg = dataset.load_case(key)[:2]
+            logits = _predict(predictor, torch.from_numpy(np.asarray(data[:], dtype=np.float32)), steps, samples)
+            voxels.append(sample_voxels(logits[:lm.num_segmentation_heads], np.asarray(seg[:])[0], lm, rng))
+    return calibrate(voxels, passes[0][0].label_manager.has_regions)
+
+
 def validation_keys(preprocessed_dataset_folder: str, fold) -> list:
     """The fold's validation case identifiers from ``splits_final.json`` (fold 'all' has none)."""
     splits_file = join(preprocessed_dataset_folder, "splits_final.json")
@@ -73,9 +100,10 @@ def validation_keys(preprocessed_dataset_folder: str, fold) -> list:
 def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, steps_grid=DEFAULT_STEPS,
                   samples_grid=DEFAULT_SAMPLES, tolerance: float = 0.005, device=torch.device("cpu"),  # noqa: B008
                   checkpoint: str = "checkpoint_final.pth", max_cases: int | None = None, seed: int | None = None,
-                  write: bool = True) -> dict:
-    """Validation Dice of every (steps, samples) in the grid on each fold's validation cases; returns and (with
-    ``write``) stores the choice in ``model_folder/sampling.json`` (atomically)."""
+                  write: bool = True, calibration: bool = True) -> dict:
+    """Validation Dice of every (steps, samples) in the grid on each fold's validation cases; with
+    ``calibration`` a temperature fitted at the chosen budget on the same cases; returns and (with ``write``)
+    stores the choice in ``model_folder/sampling.json`` (atomically)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from diffnnunet.inference.predictor import DiffusionPredictor
@@ -83,6 +111,7 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
     grid = [(int(s), int(n)) for s in steps_grid for n in samples_grid]
     counts = {g: 0 for g in grid}
     cases_used = 0
+    passes = []  # (predictor, dataset, keys) per fold, for the calibration pass at the chosen budget
     for fold in folds:
         predictor = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
                                        seed=seed, allow_tqdm=False, use_tuned_sampling=False)
@@ -92,16 +121,14 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
         data_folder = join(preprocessed_dataset_folder, predictor.configuration_manager.data_identifier)
         dataset = infer_dataset_class(data_folder)(data_folder)
         keys = validation_keys(preprocessed_dataset_folder, fold)[:max_cases]
+        passes.append((predictor, dataset, keys))
         lm = predictor.label_manager
         for key in tqdm(keys, desc=f"fold {fold}: tuning {len(grid)} budgets"):
             data, seg = dataset.load_case(key)[:2]
             data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
             ref = np.asarray(seg[:])[0]
             for steps, samples in grid:
-                predictor.steps_override, predictor.samples_override = steps, samples
-                predictor.generator.manual_seed(int(predictor.seed if predictor.seed is not None
-                                                    else predictor.diffusion["seed"]))
-                logits = predictor.predict_sliding_window_return_logits(data)
+                logits = _predict(predictor, data, steps, samples)
                 pred = lm.convert_logits_to_segmentation(logits.float().cpu())
                 pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
                 counts[(steps, samples)] = counts[(steps, samples)] + _counts(pred, ref, lm)
@@ -117,6 +144,8 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
                "best": max(results, key=lambda r: r["dice"]), "tolerance": tolerance, "grid": results,
                "folds": [f if f == "all" else int(f) for f in folds], "cases": cases_used,
                "checkpoint": checkpoint, "geometry": "preprocessed"}
+    if calibration:
+        summary["calibration"] = _calibrate(passes, chosen["steps"], chosen["samples"])
     if write:
         path = join(model_folder, SAMPLING_FILE)
         with open(partial_path(path), "w") as f:
