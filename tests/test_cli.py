@@ -218,13 +218,13 @@ def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
     tuned = json.load(open(os.path.join(folder, "sampling.json")))
     cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
     assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["voxels"] > 0
-    grid = {(r["steps"], r["samples"]): r["dice"] for r in tuned["grid"]}
-    assert set(grid) == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    rows = {(r["steps"], r["samples"]): r for r in tuned["grid"]}
+    assert set(rows) == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert all(0 <= r["ece"] <= 1 and (np.isnan(r["auroc"]) or 0 <= r["auroc"] <= 1) for r in rows.values())
+    grid = {g: r["dice"] for g, r in rows.items()}
     best = max(grid.values())
     chosen = (tuned["sampling_steps"], tuned["samples_per_step"])
-    assert grid[chosen] >= best - 0.005  # within half a Dice point of the best ...
-    cheaper = [g for g, d in grid.items() if g[0] * g[1] < chosen[0] * chosen[1]]
-    assert all(grid[g] < best - 0.005 for g in cheaper)  # ... and nothing cheaper is
+    assert grid[chosen] >= best - 0.005  # within half a Dice point of the best (uncertainty: tests/test_tuning.py)
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [0])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen

@@ -109,3 +109,24 @@ def test_every_method_returns_each_map_in_range(name, arch, spatial):
     assert torch.all(maps["mutual_information"] <= maps["entropy"] + 1e-6)  # the epistemic part of the total
     with pytest.raises(ValueError, match="unknown uncertainty measure"):
         m.sample(image, steps=1, samples=2, return_uncertainty=True, uncertainty="variance")
+
+
+def test_odds_to_categorical_by_hand():
+    """Sigmoids (0.5, 0.75): odds (1, 3) -> class probabilities (1/4, 3/4), the export's conversion."""
+    from diffnnunet.methods.uncertainty import odds_to_categorical
+    got = odds_to_categorical(torch.tensor([0.5, 0.75]).reshape(1, 2, 1))
+    torch.testing.assert_close(got.reshape(2), torch.tensor([0.25, 0.75]))
+
+
+def test_diff_unet_map_follows_the_label_kind(arch, spatial):
+    """Mutually exclusive labels: the chains' sigmoids enter as odds-normalised class probabilities; regions: per
+    channel. The two maps differ; with one chain the mutual information is 0 either way."""
+    m = _method("diff_unet", arch, spatial)
+    image = torch.randn(1, 2, *spatial, generator=torch.Generator().manual_seed(2))
+    maps = {}
+    for exclusive in (True, False):
+        m.exclusive_labels = exclusive
+        maps[exclusive] = m.sample(image, 2, 3, generator=torch.Generator().manual_seed(0), return_uncertainty=True)[1]
+    assert not torch.allclose(maps[True], maps[False])
+    one = m.sample(image, 2, 1, return_uncertainty=True, uncertainty="mutual_information")[1]
+    assert torch.count_nonzero(one) == 0

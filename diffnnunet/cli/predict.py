@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_uncertainty", action="store_true",
                    help="also write CASE_uncertainty (float32, larger = less certain: the --uncertainty map of the "
                         "sampling chains for diffusion models, the normalized softmax entropy for nnU-Net models)")
-    p.add_argument("--uncertainty", default="entropy", choices=UNCERTAINTY_MEASURES,
-                   help="the diffusion models' native map, from the sampling chains of each window (default entropy: "
-                        "predictive entropy of their mean; mutual_information: the chains' disagreement; std)")
+    p.add_argument("--uncertainty", default=None, choices=UNCERTAINTY_MEASURES,
+                   help="the diffusion models' native map, from the sampling chains of each window: entropy "
+                        "(predictive entropy of their mean), mutual_information (the chains' disagreement) or std; "
+                        "default: the plans' (mutual_information for Diff-UNet, entropy for BerDiff and LDSeg)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
     p.add_argument("-num_parts", type=int, default=1,
                    help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")

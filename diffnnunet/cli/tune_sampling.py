@@ -36,6 +36,8 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
                checkpoint="checkpoint_final.pth", steps=None, samples=None, tolerance_points: float = 0.5,
                max_cases=None, seed=None, device=None, calibration: bool = True):
     """Resolve the model like diffnnunet_predict, tune, print the table; returns the stored summary."""
+    from math import nan
+
     from diffnnunet.cli.predict import resolve_model
     from diffnnunet.inference.tuning import DEFAULT_SAMPLES, DEFAULT_STEPS, SAMPLING_FILE, tune_sampling
 
@@ -55,11 +57,12 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
                                 calibration=calibration)
     except RuntimeError as e:
         raise UserError(str(e)) from None
-    print(f"{'steps':>5} {'samples':>7} {'evals':>5}  Dice")
+    print(f"{'steps':>5} {'samples':>7} {'evals':>5}  {'Dice':>6}  {'ECE':>6}  AUROC (uncertainty vs error)")
     for r in summary["grid"]:
         mark = "  <- chosen" if (r["steps"], r["samples"]) == (summary["sampling_steps"],
                                                               summary["samples_per_step"]) else ""
-        print(f"{r['steps']:>5} {r['samples']:>7} {r['evaluations']:>5}  {r['dice']:.4f}{mark}")
+        print(f"{r['steps']:>5} {r['samples']:>7} {r['evaluations']:>5}  {r['dice']:.4f}  {r.get('ece', nan):.4f}  "
+              f"{r.get('auroc', nan):.4f}{mark}")
     print(f"{os.path.join(folder, SAMPLING_FILE)}: {summary['sampling_steps']} steps x {summary['samples_per_step']} "
           f"samples (Dice {summary['dice']:.4f}, best {summary['best']['dice']:.4f}, {summary['cases']} cases)")
     cal = summary.get("calibration")

@@ -73,14 +73,14 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
                  save_uncertainty: bool = False, use_tuned_sampling: bool = True, precision: str = "auto",
-                 compile: bool | None = None, uncertainty: str = "entropy", **kwargs):
+                 compile: bool | None = None, uncertainty: str | None = None, **kwargs):
         kwargs.setdefault("allow_tqdm", True)
         super().__init__(*args, **kwargs)
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self.compile_steps = _env_flag("nnUNet_compile") if compile is None else bool(compile)
         self.steps_override, self.samples_override, self.seed = steps, samples, seed
         self.save_uncertainty = save_uncertainty
-        self.uncertainty_measure = uncertainty
+        self.uncertainty_override = uncertainty
         self.use_tuned_sampling = use_tuned_sampling
         self.tuned_sampling = None
         self.diffusion = None
@@ -153,6 +153,10 @@ class DiffusionPredictor(nnUNetPredictor):
     @property
     def sampling_steps(self) -> int:
         return int(self.steps_override or self.diffusion["sampling_steps"])
+
+    @property
+    def uncertainty_measure(self) -> str:
+        return self.uncertainty_override or self.diffusion.get("uncertainty", "entropy")
 
     @property
     def samples_per_step(self) -> int:

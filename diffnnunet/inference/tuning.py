@@ -1,7 +1,8 @@
-"""The pipeline picks its own sampling budget: validation Dice over a grid of steps x samples, and the cheapest
-setting within a tolerance of the best; at that budget it also fits a temperature to the validation voxels
-(:mod:`~diffnnunet.inference.calibration`). Both are stored as ``sampling.json`` in the model folder, where
-:class:`~diffnnunet.inference.predictor.DiffusionPredictor` finds it (``--steps``/``--samples`` still win).
+"""The pipeline picks its own sampling budget: validation Dice, ECE and uncertainty AUROC over a grid of steps x
+samples, and the cheapest setting within a tolerance of the best on all three (:func:`choose_budget`); at that
+budget it also fits a temperature to the validation voxels (:mod:`~diffnnunet.inference.calibration`). Both are
+stored as ``sampling.json`` in the model folder, where :class:`~diffnnunet.inference.predictor.DiffusionPredictor`
+finds them (``--steps``/``--samples`` still win).
 
 Dice is computed as nnU-Net's fold validation counts it (tp/fp/fn per foreground label or region, pooled over
 the fold's validation cases, ignore label excluded), but in the preprocessed geometry: the cases are the fold's
@@ -24,12 +25,29 @@ DEFAULT_STEPS = (1, 2, 5, 10)
 DEFAULT_SAMPLES = (1, 2, 4)
 
 
-def choose_budget(results: list, tolerance: float) -> dict:
-    """``results``: dicts with ``steps``, ``samples``, ``dice``. The cheapest (steps x samples network evaluations)
-    setting whose Dice is within ``tolerance`` (a fraction: 0.005 = 0.5 Dice points) of the best; ties on cost go
-    to the higher Dice."""
-    best = max(r["dice"] for r in results)
-    ok = [r for r in results if r["dice"] >= best - tolerance]
+def choose_budget(results: list, tolerance: float, auroc_tolerance: float = 0.01,
+                  ece_tolerance: float = 0.01) -> dict:
+    """``results``: dicts with ``steps``, ``samples``, ``dice`` and optionally ``auroc`` (uncertainty vs error) and
+    ``ece``. The cheapest (steps x samples network evaluations) setting whose Dice is within ``tolerance`` (a
+    fraction: 0.005 = 0.5 Dice points) of the best, whose AUROC is within ``auroc_tolerance`` of the best and whose
+    ECE is within ``ece_tolerance`` of the lowest; when no setting meets all three, the ECE condition is dropped,
+    then the AUROC condition (Dice always holds). NaN metrics (no errors, no uncertainty map) constrain nothing.
+    Ties on cost go to the higher Dice."""
+    def best(key, fn):
+        values = [r[key] for r in results if r.get(key) is not None and not np.isnan(r[key])]
+        return fn(values) if values else None
+
+    def within(r, key, ref, tol, higher_is_better):
+        v = r.get(key)
+        if ref is None or v is None or np.isnan(v):
+            return True
+        return v >= ref - tol if higher_is_better else v <= ref + tol
+
+    top_dice, top_auroc, low_ece = best("dice", max), best("auroc", max), best("ece", min)
+    dice_ok = [r for r in results if r["dice"] >= top_dice - tolerance]
+    auroc_ok = [r for r in dice_ok if within(r, "auroc", top_auroc, auroc_tolerance, True)]
+    all_ok = [r for r in auroc_ok if within(r, "ece", low_ece, ece_tolerance, False)]
+    ok = all_ok or auroc_ok or dice_ok
     return min(ok, key=lambda r: (r["steps"] * r["samples"], -r["dice"]))
 
 
@@ -101,20 +119,32 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
                   samples_grid=DEFAULT_SAMPLES, tolerance: float = 0.005, device=torch.device("cpu"),  # noqa: B008
                   checkpoint: str = "checkpoint_final.pth", max_cases: int | None = None, seed: int | None = None,
                   write: bool = True, calibration: bool = True) -> dict:
-    """Validation Dice of every (steps, samples) in the grid on each fold's validation cases; with
+    """Validation Dice, ECE and uncertainty AUROC (the chains' map in the plans' measure against the errors, exact)
+    of every (steps, samples) in the grid on each fold's validation cases, the choice by :func:`choose_budget`; with
     ``calibration`` a temperature fitted at the chosen budget on the same cases; returns and (with ``write``)
     stores the choice in ``model_folder/sampling.json`` (atomically)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
+    from diffnnunet.evaluation.uncertainty import (
+        auroc_from_histograms,
+        calibration_bins,
+        confidence_and_correctness,
+        ece_from_bins,
+        merge_counts,
+        uncertainty_counts,
+    )
     from diffnnunet.inference.predictor import DiffusionPredictor
 
     grid = [(int(s), int(n)) for s in steps_grid for n in samples_grid]
     counts = {g: 0 for g in grid}
+    ece_bins = {g: 0 for g in grid}
+    unc_counts = {g: [] for g in grid}
     cases_used = 0
     passes = []  # (predictor, dataset, keys) per fold, for the calibration pass at the chosen budget
     for fold in folds:
         predictor = DiffusionPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
-                                       seed=seed, allow_tqdm=False, use_tuned_sampling=False)
+                                       seed=seed, allow_tqdm=False, use_tuned_sampling=False,
+                                       save_uncertainty=True)
         predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint)
         if predictor.diffusion is None:
             raise RuntimeError(f"{model_folder}: not a diffusion model, there is no sampling budget to tune")
@@ -127,15 +157,28 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
             data, seg = dataset.load_case(key)[:2]
             data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
             ref = np.asarray(seg[:])[0]
+            keep = np.ones(ref.shape, bool) if lm.ignore_label is None else ref != lm.ignore_label
+            classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
             for steps, samples in grid:
-                logits = _predict(predictor, data, steps, samples)
-                pred = lm.convert_logits_to_segmentation(logits.float().cpu())
+                out = _predict(predictor, data, steps, samples).float().cpu()
+                logits = out[:lm.num_segmentation_heads]
+                pred = lm.convert_logits_to_segmentation(logits)
                 pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
                 counts[(steps, samples)] = counts[(steps, samples)] + _counts(pred, ref, lm)
+                conf, correct = confidence_and_correctness(lm.apply_inference_nonlin(logits).numpy(), ref, classes,
+                                                           lm.has_regions)
+                mask = np.broadcast_to(keep, conf.shape)
+                ece_bins[(steps, samples)] = ece_bins[(steps, samples)] + calibration_bins(conf[mask], correct[mask])
+                if out.shape[0] > lm.num_segmentation_heads:  # the native map of the chains (entropy)
+                    wrong = (pred != ref)[keep]
+                    unc_counts[(steps, samples)].append(uncertainty_counts(out[-1].numpy()[keep], wrong))
             cases_used += 1
     if cases_used == 0:
         raise RuntimeError(f"{model_folder}: the folds {list(folds)} have no validation cases to tune on")
-    results = [{"steps": s, "samples": n, "evaluations": s * n, "dice": _dice(counts[(s, n)])} for s, n in grid]
+    results = [{"steps": s, "samples": n, "evaluations": s * n, "dice": _dice(counts[(s, n)]),
+                "ece": ece_from_bins(ece_bins[(s, n)]),
+                "auroc": (auroc_from_histograms(merge_counts(unc_counts[(s, n)])["counts"])
+                          if unc_counts[(s, n)] else float("nan"))} for s, n in grid]
     if all(np.isnan(r["dice"]) for r in results):
         raise RuntimeError(f"{model_folder}: no foreground in the validation cases, Dice is undefined")
     results = [{**r, "dice": -1.0 if np.isnan(r["dice"]) else r["dice"]} for r in results]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
-from diffnnunet.methods.uncertainty import ChainStatistics
+from diffnnunet.methods.uncertainty import ChainStatistics, odds_to_categorical
 from diffnnunet.networks import TimeUNet, UNetEncoder
 from diffnnunet.processes import GaussianProcess
 
@@ -43,6 +43,9 @@ class DiffUNet(DiffusionMethod):
                                        diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
                                        prediction="x0")
         self.fusion = diffusion.get("fusion", "step_uncertainty")
+        #: mutually exclusive labels (True, nnU-Net's default) or regions: how the sigmoids become an uncertainty
+        #: map; the predictor sets it from the dataset's label manager
+        self.exclusive_labels = True
         self.eta = float(diffusion.get("eta", 0.0))
         self.loss_weights = diffusion.get("loss_weights", {"dice": 1.0, "bce": 1.0, "mse": 1.0})
         self.denoiser = TimeUNet(input_channels + num_classes, num_classes, **arch_kwargs, time_embedding=True)
@@ -102,16 +105,18 @@ class DiffUNet(DiffusionMethod):
         The feature encoder runs once per call, shared by all steps and samples; chains run ``chunk`` at a time
         (the plans' ``samples_per_forward``, derived from the memory budget). ``image``: ``(B, M, *spatial)``.
         Returns probabilities ``(B, N, *spatial)``; with ``return_uncertainty`` also the ``uncertainty`` map
-        ``(B, 1, *spatial)`` of the S chains' final-step probabilities (:mod:`diffnnunet.methods.uncertainty`,
-        per-channel sigmoids), independent of SUF, which only decides the segmentation (its late, confident steps
-        would hide the chains' disagreement); with ``return_steps`` also the per-step p_bar_i.
+        ``(B, 1, *spatial)`` of the S chains' final-step probabilities (:mod:`diffnnunet.methods.uncertainty`;
+        for mutually exclusive labels, ``exclusive_labels``, the sigmoids turned into class probabilities by
+        :func:`odds_to_categorical`, as the export does; per channel for regions), independent of SUF, which only
+        decides the segmentation (its late, confident steps would hide the chains' disagreement); with
+        ``return_steps`` also the per-step p_bar_i.
         """
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
         base_features = self.feature_encoder(image)
         timesteps = self.process.set_timesteps(steps)
         step_sums = [None] * len(timesteps)
-        chains = ChainStatistics(categorical=False)
+        chains = ChainStatistics(categorical=self.exclusive_labels)
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             features = [f.repeat_interleave(n, 0) for f in base_features]
@@ -126,7 +131,8 @@ class DiffUNet(DiffusionMethod):
                 p = torch.sigmoid(logits).float().reshape(b, n, *logits.shape[1:])
                 step_sums[i] = p.sum(1) if step_sums[i] is None else step_sums[i] + p.sum(1)
             if return_uncertainty:
-                chains.add(p)  # the final step's probabilities of these n chains
+                # the final step's probabilities of these n chains, as the export sees them
+                chains.add(odds_to_categorical(p, dim=2) if self.exclusive_labels else p)
         per_step = [total / s for total in step_sums]
         out = self.fuse(per_step)
         if return_steps:

@@ -34,6 +34,15 @@ def normalized_entropy(p: torch.Tensor, categorical: bool) -> torch.Tensor:
     return h.mean(1, keepdim=True) / math.log(2)
 
 
+def odds_to_categorical(p: torch.Tensor, dim: int = 1, eps: float = 1e-6) -> torch.Tensor:
+    """Independent per-channel probabilities of mutually exclusive labels -> class probabilities along ``dim``:
+    P(c) = odds_c / sum_k odds_k with odds = p / (1 - p), the probability that channel c is the one 'on' channel
+    (the conversion nnU-Net's softmax applies to the exported logit(p); see predictor.probabilities_to_logits)."""
+    p = p.float().clamp(eps, 1 - eps)
+    odds = p / (1 - p)
+    return odds / odds.sum(dim, keepdim=True)
+
+
 class ChainStatistics:
     """Streaming per-voxel statistics of chains' probabilities; chains may arrive in chunks of any size.
 
