@@ -12,7 +12,7 @@ from diffnnunet.evaluation.uncertainty import (
     auroc_from_histograms,
     calibration_bins,
     ece_from_bins,
-    uncertainty_histograms,
+    uncertainty_counts,
 )
 
 
@@ -64,10 +64,10 @@ def test_ece_known_answers():
 def test_auroc_known_answers():
     u = np.array([0.9, 0.8, 0.1, 0.2, 0.3])
     wrong = np.array([1, 1, 0, 0, 0], bool)
-    assert auroc_from_histograms(uncertainty_histograms(u, wrong)) == pytest.approx(1.0)
-    assert auroc_from_histograms(uncertainty_histograms(u, ~wrong)) == pytest.approx(0.0)
-    assert auroc_from_histograms(uncertainty_histograms(np.full(4, 0.5), np.array([1, 0, 1, 0], bool))) == 0.5
-    assert np.isnan(auroc_from_histograms(uncertainty_histograms(u, np.zeros(5, bool))))
+    assert auroc_from_histograms(uncertainty_counts(u, wrong)["counts"]) == pytest.approx(1.0)
+    assert auroc_from_histograms(uncertainty_counts(u, ~wrong)["counts"]) == pytest.approx(0.0)
+    assert auroc_from_histograms(uncertainty_counts(np.full(4, 0.5), np.array([1, 0, 1, 0], bool))["counts"]) == 0.5
+    assert np.isnan(auroc_from_histograms(uncertainty_counts(u, np.zeros(5, bool))["counts"]))
 
 
 def _write(arr, path, spacing, dtype=np.uint8):

@@ -43,13 +43,13 @@ def allowed_label_values(dataset_json: dict) -> set:
 
 def _reader(dataset_json: dict, example_file: str):
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    check_file_whole(example_file)  # a truncated file must say so, not "no reader can open it"
     try:
         return determine_reader_writer_from_dataset_json(dataset_json, example_file,
                                                          allow_nonmatching_filename=True, verbose=False)()
     except Exception:  # noqa: BLE001 - nnU-Net tries every reader on the file; none could open it
-        raise UserError(f"{example_file}: cannot read image (no reader can open it; corrupt or wrong format?)"
-                        ) from None
+        pass
+    check_file_whole(example_file)  # a truncated file says so, rather than "no reader can open it"
+    raise UserError(f"{example_file}: cannot read image (no reader can open it; corrupt or wrong format?)")
 
 
 def _read_image(rw, path: str):

@@ -35,14 +35,6 @@ def ece_from_bins(bins: np.ndarray) -> float:
     return float(np.sum(np.abs(acc[nz] - conf[nz])) / total)
 
 
-def uncertainty_histograms(uncertainty: np.ndarray, wrong: np.ndarray, n_bins: int = AUROC_BINS) -> np.ndarray:
-    """``(2, n_bins)``: histograms of uncertainty in [0, 1] for wrong (row 0) and correct (row 1) voxels."""
-    u = np.clip(uncertainty.ravel().astype(np.float64), 0, 1)
-    idx = np.minimum((u * n_bins).astype(np.int64), n_bins - 1)
-    wrong = wrong.ravel().astype(bool)
-    return np.stack([np.bincount(idx[wrong], minlength=n_bins), np.bincount(idx[~wrong], minlength=n_bins)])
-
-
 def auroc_from_histograms(hist: np.ndarray) -> float:
     """P(u_wrong > u_correct) + 0.5 P(same bin); NaN when either group is empty.
 

@@ -248,7 +248,7 @@ class LDSeg(DiffusionMethod):
         z_i = self.encode_image(image)
         noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=torch.float32)
         timesteps = self.process.set_timesteps(steps)
-        chains = ChainStatistics(categorical=self.probabilities == "categorical")
+        chains = ChainStatistics(categorical=self.probabilities == "categorical", spread=return_uncertainty)
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             z = self._ddim(noise[:, start:start + n].reshape(b * n, *z_i.shape[1:]), z_i.repeat_interleave(n, 0),

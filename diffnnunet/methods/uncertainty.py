@@ -47,12 +47,14 @@ class ChainStatistics:
     """Streaming per-voxel statistics of chains' probabilities; chains may arrive in chunks of any size.
 
     ``add(p)`` with ``p`` ``(B, n, C, *spatial)`` (n chains of B windows); ``mean()`` -> p_bar ``(B, C, *spatial)``;
-    ``map(measure)`` -> ``(B, 1, *spatial)``. Sums are kept relative to the first chain (a shift), so the variance
-    has no cancellation when all chains are nearly equal.
+    ``map(measure)`` -> ``(B, 1, *spatial)``; with ``spread=False`` only the mean and the entropy of the mean.
+    Sums are kept relative to the first chain (a shift), so the variance has no cancellation when all chains are
+    nearly equal.
     """
 
-    def __init__(self, categorical: bool):
+    def __init__(self, categorical: bool, spread: bool = True):
         self.categorical = bool(categorical)
+        self.spread = bool(spread)  # False: only the mean is kept (no map asked for)
         self.count = 0
         self.shift = self.d_sum = self.d_sq = self.h_sum = None
 
@@ -61,13 +63,16 @@ class ChainStatistics:
         if self.shift is None:
             self.shift = p[:, 0]
             self.d_sum = torch.zeros_like(self.shift)
-            self.d_sq = torch.zeros_like(self.shift)
-            self.h_sum = torch.zeros_like(self.shift[:, :1])
+            if self.spread:
+                self.d_sq = torch.zeros_like(self.shift)
+                self.h_sum = torch.zeros_like(self.shift[:, :1])
         d = p - self.shift[:, None]
         self.d_sum += d.sum(1)
-        self.d_sq += (d * d).sum(1)
         b, n = p.shape[:2]
-        self.h_sum += normalized_entropy(p.flatten(0, 1), self.categorical).reshape(b, n, 1, *p.shape[3:]).sum(1)
+        if self.spread:
+            self.d_sq += (d * d).sum(1)
+            self.h_sum += (normalized_entropy(p.flatten(0, 1), self.categorical)
+                           .reshape(b, n, 1, *p.shape[3:]).sum(1))
         self.count += n
 
     def mean(self) -> torch.Tensor:
@@ -77,6 +82,8 @@ class ChainStatistics:
         """The ``measure`` map ``(B, 1, *spatial)``; with one chain ``mutual_information`` and ``std`` are 0."""
         if measure == "entropy":
             return normalized_entropy(self.mean(), self.categorical)
+        if not self.spread and measure in MEASURES:
+            raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
         if measure == "mutual_information":
             mi = normalized_entropy(self.mean(), self.categorical) - self.h_sum / self.count
             return mi.clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0

@@ -30,11 +30,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def global_rank() -> int:
-    """This process's rank among all processes of all machines (0 without a process group)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
 def local_rank() -> int:
     """This process's index on its machine (torchrun's LOCAL_RANK): the CUDA device it uses."""
     return int(os.environ.get("LOCAL_RANK", 0))
