@@ -4,6 +4,18 @@ The constructor takes exactly the ``arch_kwargs`` nnU-Net's planner writes for `
 features, kernel sizes, strides, convs per stage, norm, nonlinearity), so anisotropic kernels and strides, 2D and 3D
 all come from the plans. Conv blocks are nnU-Net's own (``StackedConvBlocks``); the timestep embedding is added after
 the first conv of every encoder and decoder stage.
+
+Conditioning hooks (small, optional; methods plug their modules in instead of copying the network):
+
+- ``added``: features summed onto every encoder stage (Diff-UNet's image encoder);
+- ``encoder_hook(s, h) -> h``: any module applied to encoder stage ``s``'s output before it is passed on and
+  kept as a skip (MedSegDiff-V2's U-SA gate into the first stage);
+- ``bottleneck_hook(h, temb) -> h``: a block at the bottleneck that also sees the timestep embedding
+  (MedSegDiff-V2's SS-Former);
+- ``return_features=True``: also return the last decoder feature ``(B, F0, *spatial)`` before the 1x1 head
+  (MedSegDiff-V2's anchor condition);
+- ``latent_dim`` + ``latent (B, latent_dim)``: adaptive normalisation, a per-channel scale and shift of every
+  stage's first conv output projected from a latent embedding (cDAL's z).
 """
 from __future__ import annotations
 
@@ -54,24 +66,33 @@ class TimeEmbedding(nn.Module):
 class _Stage(nn.Module):
     """``n`` convs (the first with ``stride``); an optional projected time embedding is added after the first."""
 
-    def __init__(self, n_convs, conv_op, in_ch, out_ch, kernel, stride, common: dict, temb_dim: int | None):
+    def __init__(self, n_convs, conv_op, in_ch, out_ch, kernel, stride, common: dict, temb_dim: int | None,
+                 latent_dim: int | None = None):
         super().__init__()
         self.first = StackedConvBlocks(1, conv_op, in_ch, out_ch, kernel, stride, **common)
         self.rest = (StackedConvBlocks(n_convs - 1, conv_op, out_ch, out_ch, kernel, 1, **common)
                      if n_convs > 1 else None)
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(temb_dim, out_ch)) if temb_dim else None
+        self.latent_proj = nn.Linear(latent_dim, 2 * out_ch) if latent_dim else None
+        if self.latent_proj is not None:  # starts as the identity modulation (scale 0, shift 0)
+            nn.init.zeros_(self.latent_proj.weight)
+            nn.init.zeros_(self.latent_proj.bias)
         self.stride = list(stride) if isinstance(stride, (list, tuple)) else [stride] * conv_op_dim(conv_op)
         self.out_ch, self.n_convs = out_ch, n_convs
 
-    def forward(self, x, temb=None):
+    def forward(self, x, temb=None, latent=None):
         h = self.first(x)
         if self.time_proj is not None:
             h = h + expand_to(self.time_proj(temb), h)
+        if self.latent_proj is not None and latent is not None:  # h (1 + scale(z)) + shift(z), per channel
+            scale, shift = self.latent_proj(latent).chunk(2, dim=1)
+            h = h * (1 + expand_to(scale, h)) + expand_to(shift, h)
         return self.rest(h) if self.rest is not None else h
 
     def feature_map_size(self, input_size) -> np.int64:
         out = [i // s for i, s in zip(input_size, self.stride)]
-        maps = self.n_convs + (1 if self.time_proj is not None else 0)  # the sum with the embedding is one more map
+        # the sum with the embedding is one more map, the latent modulation another
+        maps = self.n_convs + (1 if self.time_proj is not None else 0) + (1 if self.latent_proj is not None else 0)
         return np.int64(maps) * np.prod([self.out_ch, *out], dtype=np.int64)
 
 
@@ -89,10 +110,11 @@ def _as_list(value, n):
 class UNetEncoder(nn.Module):
     """Encoder half of the plans topology. ``forward(x (B, C_in, *spatial), temb=None, added=None)`` returns the
     list of stage outputs, finest first; ``added[s]`` (same shapes) is summed onto stage ``s`` before it is passed on
-    (Diff-UNet Eq. 2: image features fused into the denoiser's encoder)."""
+    (Diff-UNet Eq. 2: image features fused into the denoiser's encoder); ``hook(s, h) -> h`` then transforms it;
+    ``latent`` ``(B, latent_dim)`` modulates every stage when built with ``latent_dim``."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
-                 n_conv_per_stage, temb_dim: int | None = None, **kwargs):
+                 n_conv_per_stage, temb_dim: int | None = None, latent_dim: int | None = None, **kwargs):
         super().__init__()
         conv_op = resolve_arch_kwargs({"conv_op": conv_op})["conv_op"]
         self.features = _as_list(features_per_stage, n_stages)
@@ -103,17 +125,19 @@ class UNetEncoder(nn.Module):
         stages, ch = [], input_channels
         for s in range(n_stages):
             stages.append(_Stage(n_convs[s], conv_op, ch, self.features[s], self.kernel_sizes[s], self.strides[s],
-                                 common, temb_dim))
+                                 common, temb_dim, latent_dim))
             ch = self.features[s]
         self.stages = nn.ModuleList(stages)
         self.conv_op = conv_op
 
-    def forward(self, x, temb=None, added=None):
+    def forward(self, x, temb=None, added=None, hook=None, latent=None):
         skips = []
         for s, stage in enumerate(self.stages):
-            x = stage(x, temb)
+            x = stage(x, temb, latent)
             if added is not None:
                 x = x + added[s]
+            if hook is not None:
+                x = hook(s, x)
             skips.append(x)
         return skips
 
@@ -141,13 +165,16 @@ class TimeUNet(nn.Module):
     """Time-conditioned U-Net. ``forward(x (B, C_in, *spatial), t (B,), added=None) -> (B, num_classes, *spatial)``.
 
     Signature-compatible with nnU-Net's ``PlainConvUNet`` so ``get_network_from_plans`` can build it; ``t=None``
-    skips the time embedding (used when the same class serves as a plain segmentation network).
+    skips the time embedding (used when the same class serves as a plain segmentation network). The optional
+    hooks of the module docstring (``encoder_hook``, ``bottleneck_hook``, ``return_features``, ``latent``) are
+    how methods condition it; with none given it is the plain time-conditioned U-Net.
     """
 
     def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage, conv_op,
                  kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias: bool = True,
                  norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
-                 nonlin_kwargs=None, deep_supervision: bool = False, time_embedding: bool = True):
+                 nonlin_kwargs=None, deep_supervision: bool = False, time_embedding: bool = True,
+                 latent_dim: int | None = None):
         super().__init__()
         common_in = {"conv_bias": conv_bias, "norm_op": norm_op, "norm_op_kwargs": norm_op_kwargs,
                      "dropout_op": dropout_op, "dropout_op_kwargs": dropout_op_kwargs, "nonlin": nonlin,
@@ -156,7 +183,7 @@ class TimeUNet(nn.Module):
         self.temb_dim = 4 * features[0] if time_embedding else None
         self.time_embed = TimeEmbedding(self.temb_dim) if time_embedding else None
         self.encoder = UNetEncoder(input_channels, n_stages, features, conv_op, kernel_sizes, strides,
-                                   n_conv_per_stage, temb_dim=self.temb_dim, **common_in)
+                                   n_conv_per_stage, temb_dim=self.temb_dim, latent_dim=latent_dim, **common_in)
         conv_op = self.encoder.conv_op
         transp = get_matching_convtransp(conv_op)
         common = _common_kwargs(resolve_arch_kwargs(common_in))
@@ -166,7 +193,7 @@ class TimeUNet(nn.Module):
             stride = self.encoder.strides[s + 1]
             ups.append(transp(features[s + 1], features[s], stride, stride, bias=conv_bias))
             stages.append(_Stage(n_dec[s], conv_op, 2 * features[s], features[s], self.encoder.kernel_sizes[s], 1,
-                                 common, self.temb_dim))
+                                 common, self.temb_dim, latent_dim))
         self.ups, self.dec_stages = nn.ModuleList(ups), nn.ModuleList(stages)
         self.head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)
         self.num_classes = num_classes
@@ -175,15 +202,21 @@ class TimeUNet(nn.Module):
     def embed_time(self, t: torch.Tensor | None):
         return None if (t is None or self.time_embed is None) else self.time_embed(t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, added=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, added=None, encoder_hook=None,
+                bottleneck_hook=None, latent: torch.Tensor | None = None, return_features: bool = False):
+        """Logits ``(B, num_classes, *spatial)``; with ``return_features`` the tuple (logits, last decoder
+        feature ``(B, features[0], *spatial)``)."""
         temb = self.embed_time(t)
         if self.time_embed is not None and temb is None:  # plain call (e.g. nnU-Net's network plot): t = 0
             temb = self.time_embed(torch.zeros(x.shape[0], device=x.device, dtype=torch.long))
-        skips = self.encoder(x, temb, added)
+        skips = self.encoder(x, temb, added, encoder_hook, latent)
         h = skips[-1]
+        if bottleneck_hook is not None:
+            h = bottleneck_hook(h, temb)
         for i, (up, stage) in enumerate(zip(self.ups, self.dec_stages)):
-            h = stage(torch.cat([up(h), skips[-(i + 2)]], dim=1), temb)
-        return self.head(h)
+            h = stage(torch.cat([up(h), skips[-(i + 2)]], dim=1), temb, latent)
+        logits = self.head(h)
+        return (logits, h) if return_features else logits
 
     def compute_conv_feature_map_size(self, input_size) -> np.int64:
         """Number of feature-map elements for one sample of ``input_size`` (nnU-Net's VRAM proxy, same convention
