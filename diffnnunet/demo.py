@@ -7,7 +7,6 @@ table per trainer and writes pictures (image | ground truth | prediction | uncer
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -25,8 +24,6 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--iterations-per-epoch", type=int, default=25)
     p.add_argument("--val-iterations", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="DiffUNet learning rate written into the demo's plans (the paper's 1e-4 suits long runs)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
     p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -44,32 +41,34 @@ def _set_paths(workdir: str) -> dict:
     return paths
 
 
-def _train(trainer_name: str, args, device) -> float:
+def _train(trainer_name: str, args, device, seed: int = 0, dataset: str = str(DATASET_ID),
+           configuration: str = "2d") -> float:
+    """Train fold 0 at the budget of ``args`` (epochs, iterations per epoch, validation iterations); seconds."""
     import torch
 
     from diffnnunet.cli.train import load_trainer
-    trainer = load_trainer(str(DATASET_ID), trainer_name, "0", "2d", None, device)
+    trainer = load_trainer(dataset, trainer_name, "0", configuration, None, device)
     trainer.num_epochs = args.epochs
     trainer.num_iterations_per_epoch = args.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = args.val_iterations
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     start = time.perf_counter()
     trainer.run_training()
     return time.perf_counter() - start
 
 
-def _model_folder(trainer_name: str) -> str:
+def _model_folder(trainer_name: str, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
+                  configuration: str = "2d") -> str:
     from diffnnunet.cli.predict import model_folder
     from diffnnunet.trainers import default_plans_for, get_trainer_class
-    return model_folder(f"Dataset{DATASET_ID}_ICBM152Slices", trainer_name,
-                        default_plans_for(get_trainer_class(trainer_name)), "2d")
+    return model_folder(dataset, trainer_name, default_plans_for(get_trainer_class(trainer_name)), configuration)
 
 
-def _predict(trainer_name: str, images: str, out: str, args, device) -> float:
+def _predict(trainer_name: str, images: str, out: str, args, device, folder: str | None = None) -> float:
     from diffnnunet.cli.checks import check_prediction_inputs
     from diffnnunet.inference import DiffusionPredictor
 
-    folder = _model_folder(trainer_name)
+    folder = folder or _model_folder(trainer_name)
     predictor = DiffusionPredictor(use_mirroring=False, device=device, steps=args.steps, samples=args.samples,
                                    save_uncertainty=True, allow_tqdm=False, verbose=False)
     predictor.initialize_from_trained_model_folder(folder, [0], "checkpoint_final.pth")
@@ -161,11 +160,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     raw = make_icbm152_dataset(paths["nnUNet_raw"], DATASET_ID, factor=args.factor)
     name = os.path.basename(raw)
-    plan_and_preprocess_dataset(name, ["2d"], 2, clean=True)
-    plans_file = os.path.join(paths["nnUNet_preprocessed"], name, "DiffnnUNetPlans.json")
-    plans = json.load(open(plans_file))
-    plans["configurations"]["2d"]["diffusion"]["optimizer"]["initial_lr"] = args.lr
-    json.dump(plans, open(plans_file, "w"), indent=2)
+    plan_and_preprocess_dataset(name, ["2d"], 2, clean=True)  # default plans: the configured training recipe
     t_plan = time.perf_counter() - t0
     out_root = os.path.join(args.workdir, "predictions")
     report, predictions, summaries = [], {}, {}

@@ -22,7 +22,9 @@ def env(tmp_path_factory):
     yield from synthetic_cli_env(
         tmp_path_factory.mktemp("nnunet"), IDS,
         [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
-        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2)
+        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2,
+        # an EMA horizon of 5 runs (decay 0.9 for 2 updates) so that the EMA and raw weights differ in 2 updates
+        ema={"enabled": True, "horizon_fraction": 5.0, "max_decay": 0.9999})
 
 
 def _fail(main, argv, capsys):
@@ -109,12 +111,27 @@ def test_baseline_trainer_and_continue(env, tmp_path, capsys):
 
 
 def test_resume_training_with_continue(env):
+    """--continue resumes the optimisation from the raw weights and the EMA from the stored (EMA) weights."""
     import torch
-    _train(2, fold="1")
-    _train(2, fold="1", extra=("--epochs", "2", "--continue"))
+
+    from diffnnunet.cli.train import load_trainer
+    from diffnnunet.utils import load_checkpoint_safely
     ckpt = os.path.join(env["nnUNet_results"], NAMES[2], "DiffUNetTrainer__DiffnnUNetPlans__2d", "fold_1",
                         "checkpoint_final.pth")
-    assert torch.load(ckpt, weights_only=False)["current_epoch"] == 2
+    _train(2, fold="1")
+    first = load_checkpoint_safely(ckpt)
+    assert first["ema_updates"] == 2  # one EMA update per optimizer step (1 epoch x 2 iterations)
+    raw, ema = first["raw_network_weights"], first["network_weights"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # predictors load the EMA, not the raw weights
+    trainer = load_trainer(str(IDS[2]), "DiffUNetTrainer", "1", "2d", device=torch.device("cpu"),
+                           continue_training=True)
+    trainer.load_checkpoint(ckpt)
+    for k, v in trainer.method.state_dict().items():
+        torch.testing.assert_close(v, raw[k])
+        torch.testing.assert_close(trainer.ema.shadow[k], ema[k])
+    _train(2, fold="1", extra=("--epochs", "2", "--continue"))
+    second = load_checkpoint_safely(ckpt)
+    assert second["current_epoch"] == 2 and second["ema_updates"] == 4
 
 
 def test_training_errors(env, capsys):

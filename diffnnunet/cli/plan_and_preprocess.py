@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-gpu_memory_target", type=float, default=8.0, help="VRAM target in GB for both planners")
     p.add_argument("-methods", "-method", nargs="+", default=None,
                    help="diffusion methods to plan, one plans file each (default: every registered method)")
+    p.add_argument("--recipe", default="default", choices=("default", "paper"),
+                   help="training recipe written into the diffusion plans: the configured default (lr 1e-3, "
+                        "warm-up, EMA of the weights) or each paper's published one (documentation/planner.md)")
     p.add_argument("--no_baseline", action="store_true", help="skip nnU-Net's own nnUNetPlans")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     p.add_argument("--clean", action="store_true", help="recompute the fingerprint even if it exists")
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, verify: bool = False,
                                 gpu_memory_target: float = 8.0, methods=None, baseline: bool = True,
-                                preprocess: bool = True, clean: bool = False) -> dict:
+                                preprocess: bool = True, clean: bool = False, recipe: str = "default") -> dict:
     """Runs the whole pipeline for one dataset; returns {plans identifier: plans dict}."""
     from batchgenerators.utilities.file_and_folder_operations import join
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -56,7 +59,7 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
         extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=verify,
                                     clean=True, verbose=False)
     planners = ([ExperimentPlanner(name, gpu_memory_target)] if baseline else [])
-    planners += [DiffusionPlanner(name, gpu_memory_target, method=m) for m in methods]
+    planners += [DiffusionPlanner(name, gpu_memory_target, method=m, recipe=recipe) for m in methods]
     plans = {}
     for planner in planners:
         plans[planner.plans_identifier] = planner.plan_experiment()
@@ -101,7 +104,7 @@ def main(argv=None):
         name = resolve_dataset_name(d)
         plans = plan_and_preprocess_dataset(name, args.c, num_processes, args.verify_dataset_integrity,
                                             args.gpu_memory_target, args.methods, not args.no_baseline,
-                                            not args.no_pp, args.clean)
+                                            not args.no_pp, args.clean, args.recipe)
         print(f"\n{name}: plans\n{summarize(plans)}")
 
 

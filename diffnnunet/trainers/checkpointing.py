@@ -9,6 +9,7 @@ file under the real name is a whole checkpoint; and ``checkpoint_latest`` is wri
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -18,6 +19,21 @@ from diffnnunet.utils import load_checkpoint_safely, partial_path, swapped
 def _fsync(path: str) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+@contextmanager
+def extra_checkpoint_entries(extra: dict):
+    """Within the block, every ``torch.save`` of a checkpoint dict also stores ``extra`` (nnU-Net's
+    ``save_checkpoint`` builds its dict inline; this adds entries such as the raw weights beside the EMA ones)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "network_weights" in obj:
+            obj = {**obj, **extra}
+        return real_save(obj, f, *args, **kwargs)
+
+    with swapped(torch, "save", save):
+        yield
 
 
 class SafeCheckpointMixin:

@@ -15,8 +15,10 @@ from torch import autocast
 
 from diffnnunet.methods import METHODS, encode_target
 from diffnnunet.networks import resolve_arch_kwargs
+from diffnnunet.planners.diffusion_planner import DEFAULT_RECIPE
 from diffnnunet.trainers.checkpointing import SafeCheckpointMixin
 from diffnnunet.trainers.distributed import DistributedMixin
+from diffnnunet.trainers.ema import EMAMixin
 from diffnnunet.trainers.lr_schedule import WarmupCosineLR
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
@@ -29,8 +31,12 @@ def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
     return section
 
 
-class DiffusionTrainer(SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
-    """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method."""
+class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
+    """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method.
+
+    The training recipe comes from the plans' diffusion section (planner.md, "The training recipe"): the optimizer
+    and its warm-up + cosine schedule (``optimizer``), an EMA of the weights for sampling (``ema``, trainers/ema.py).
+    """
 
     method_name: str | None = None
 
@@ -42,10 +48,12 @@ class DiffusionTrainer(SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
             raise RuntimeError(f"{self.__class__.__name__} trains '{self.method_name}' but the plans' diffusion "
                                f"section says '{self.diffusion['method']}' (use plans "
                                f"{METHODS[self.method_name].plans_name})")
-        optim = self.diffusion.get("optimizer", {})
-        self.initial_lr = optim.get("initial_lr", 1e-4)
-        self.weight_decay = optim.get("weight_decay", 1e-5)
-        self.warmup_fraction = optim.get("warmup_fraction", 0.1)
+        optim = {**DEFAULT_RECIPE["optimizer"], **self.diffusion.get("optimizer", {})}
+        if optim["name"] != "AdamW":
+            raise RuntimeError(f"plans optimizer '{optim['name']}' is not supported (AdamW)")
+        self.initial_lr = optim["initial_lr"]
+        self.weight_decay = optim["weight_decay"]
+        self.warmup_fraction = optim["warmup_fraction"]
         self.enable_deep_supervision = False
         self.save_every = 1  # checkpoint_latest every epoch (atomic): a killed run resumes with --continue
 
@@ -109,6 +117,7 @@ class DiffusionTrainer(SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        self.update_ema()
         return {k: v.detach().float().cpu().numpy() for k, v in terms.items()}
 
     def on_train_epoch_end(self, train_outputs):
@@ -164,6 +173,7 @@ class DiffusionTrainer(SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
             ckpt = load_checkpoint_safely(ckpt, map_location=self.device)
         weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
         self.method.load_state_dict(weights)
+        self._restore_ema(ckpt)  # raw weights back into the method, the stored (EMA) ones into the EMA
         self.my_init_kwargs = ckpt["init_args"]
         self.current_epoch = ckpt["current_epoch"]
         self.logger.load_checkpoint(ckpt["logging"])

@@ -1,0 +1,39 @@
+"""benchmarks/quality.py's bookkeeping: the --set overrides and the worst-gap lines it prints."""
+import importlib.util
+import os
+
+import pytest
+
+
+def _load():
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality.py")
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overrides_reach_into_sections():
+    q = _load()
+    over = q.parse_overrides(["ema.enabled=false", "optimizer.initial_lr=1e-4", "uncertainty=entropy"])
+    assert over == {"ema": {"enabled": False}, "optimizer": {"initial_lr": 1e-4}, "uncertainty": "entropy"}
+    section = {"ema": {"enabled": True, "horizon_fraction": 0.1}, "optimizer": {"name": "AdamW", "initial_lr": 1e-3}}
+    merged = q.merge(section, over)
+    assert merged["ema"] == {"enabled": False, "horizon_fraction": 0.1}
+    assert merged["optimizer"] == {"name": "AdamW", "initial_lr": 1e-4} and merged["uncertainty"] == "entropy"
+    assert section["ema"]["enabled"] is True  # the plans' own dict is not modified
+
+
+def test_worst_gap_and_ece_ratio_over_trainers_and_budgets():
+    q = _load()
+
+    def run(trainer, budget, seed, dice, ece):
+        return {"trainer": trainer, "budget": budget, "seed": seed, "Dice": dice, "HD95": 1.0, "NSD": 0.9,
+                "ECE": ece, "AUROC": 0.9, "train_s": 1.0, "predict_s": 1.0}
+
+    runs = [run("nnUNetTrainer", 1, 0, 0.80, 0.02), run("nnUNetTrainer", 1, 1, 0.84, 0.02),
+            run("A", 1, 0, 0.79, 0.03), run("A", 1, 1, 0.81, 0.05),      # mean 0.80: gap -0.02, ECE ratio 2.0
+            run("nnUNetTrainer", 4, 0, 0.90, 0.01), run("A", 4, 0, 0.91, 0.012)]  # gap +0.01, ratio 1.2
+    table, gap, ratio = q.summarise(runs)
+    assert gap == pytest.approx(-0.02) and ratio == pytest.approx(2.0)
+    assert "0.8200±0.0200" in table  # the baseline's mean ± half-range at budget 1
