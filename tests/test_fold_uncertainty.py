@@ -127,3 +127,18 @@ def test_predictor_map_of_two_folds_counts_their_disagreement(dim, measure, toge
     torch.testing.assert_close((singles[0][2] + singles[1][2]) / 2, torch.full_like(got[2], alone), atol=2e-3,
                                rtol=0)
     torch.testing.assert_close(got[:2], (singles[0][:2] + singles[1][:2]) / 2)
+
+
+@pytest.mark.parametrize("regions", [False, True], ids=["labels", "regions"])
+def test_predictor_tells_diff_unet_the_label_kind(arch, regions):
+    """Diff-UNet's chains enter its map as class probabilities only for mutually exclusive labels; the predictor
+    sets that from the dataset's label manager, and the folds' maps combine with the same entropy."""
+    from diffnnunet.inference import DiffusionPredictor
+    from diffnnunet.methods import METHODS
+    from diffnnunet.planners import DEFAULT_DIFFUSION
+    net = METHODS["diff_unet"](arch, 1, 2, dict(DEFAULT_DIFFUSION["diff_unet"], timesteps=10))
+    net.exclusive_labels = regions  # the wrong kind, to be corrected
+    p = DiffusionPredictor(device=torch.device("cpu"), allow_tqdm=False, perform_everything_on_device=False)
+    p.network, p.label_manager = net, type("LM", (), {"has_regions": regions})()
+    p._prepare_sampler_network()
+    assert net.exclusive_labels is (not regions) and net.categorical_chains is (not regions)
