@@ -1,10 +1,11 @@
 """Segmentation and uncertainty quality of every trainer against nnUNetTrainer at the same iteration budget.
 
-Every trainer is trained on fold 0 of the same plans-preprocessed data with the same budget (epochs x iterations
-per epoch), the same seed for the weights' initialisation, then predicts the held-out test cases with its plans'
-defaults and is evaluated by diffnnunet's evaluation (Dice, HD95, NSD, ECE, AUROC of uncertainty vs error). The
-budget is repeated at several multiples (``--budgets 1 4``) and seeds (``--seeds 0 1``); nnU-Net's augmentation
-workers are not seeded, so the spread between seeds includes the data order as well as the initialisation.
+Every trainer is trained on fold 0 of the same plans-preprocessed data with the same budget (epochs x iterations per
+epoch), the same seed for the weights' initialisation, then predicts the held-out test cases with its plans'
+defaults (after the sampling tuning diffnnunet_train runs by default) and is evaluated by diffnnunet's evaluation
+(Dice, HD95, NSD, ECE, AUROC of uncertainty vs error). The budget is repeated at several multiples (``--budgets 1
+4``) and seeds (``--seeds 0 1``); nnU-Net's augmentation workers are not seeded, so the spread between seeds
+includes the data order as well as the initialisation.
 
 Default data: the demo's (2D ICBM152 slices, generated in --workdir, training and test slabs spatially separate).
 ``-d ID`` uses an already planned dataset of the current nnUNet_raw / nnUNet_preprocessed / nnUNet_results instead
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default="2d")
     p.add_argument("--factor", type=int, default=3, help="demo data: downsampling of the 1 mm template")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-tune", action="store_true",
+                   help="predict with the plans' sampling budget (default: tune it after training, as "
+                        "diffnnunet_train does; the tuning's seconds count as training)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip nnUNetTrainer (ablations of the diffusion trainers; no gap line then)")
     p.add_argument("--json", default=None, help="also write every run's numbers to this file")
@@ -111,6 +115,11 @@ def run_one(trainer: str, budget: int, seed: int, args, ctx: dict) -> dict:
     run_args.steps = run_args.samples = None
     t_train = demo._train(trainer, run_args, ctx["device"], seed, ctx["dataset"], args.configuration)
     folder = demo._model_folder(trainer, ctx["dataset"], args.configuration)
+    t_tune = 0.0
+    if not args.no_tune:  # diffnnunet_train's default last step: the tuned budget and temperature
+        t_tune, line = demo._tune(trainer, ctx["device"], ctx["dataset"], args.configuration)
+        if line:
+            print(f"{trainer}: {line}", flush=True)
     out = os.path.join(args.workdir, "predictions", f"{trainer}_x{budget}_s{seed}")
     t_pred = demo._predict(trainer, ctx["images"], out, run_args, ctx["device"], folder)
     s = evaluate_folder(ctx["labels"], out, os.path.join(out, "summary.json"), SimpleITKIO(), ctx["ending"],
@@ -118,7 +127,7 @@ def run_one(trainer: str, budget: int, seed: int, args, ctx: dict) -> dict:
     fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
     return {"trainer": trainer, "budget": budget, "seed": seed, "Dice": fg["Dice"], "HD95": fg["HD95"],
             "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
-            "train_s": t_train, "predict_s": t_pred}
+            "train_s": t_train + t_tune, "predict_s": t_pred}
 
 
 def prepare(args) -> dict:

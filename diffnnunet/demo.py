@@ -1,6 +1,7 @@
 """diffnnunet_demo: the main job on the embedded default dataset, on CPU in minutes.
 
-plan -> train (short budget) -> predict -> evaluate, for DiffUNetTrainer and the nnUNetTrainer baseline side by
+plan -> train (short budget) -> tune the sampling (budget + temperature, as diffnnunet_train does by default) ->
+predict -> evaluate, for DiffUNetTrainer and the nnUNetTrainer baseline side by
 side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see datasets/icbm152.py). Prints one
 table per trainer and writes pictures (image | ground truth | prediction | uncertainty, and training curves).
 """
@@ -26,6 +27,9 @@ def build_parser():
     p.add_argument("--val-iterations", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the plans')")
     p.add_argument("--samples", type=int, default=None, help="samples per step (default: the plans')")
+    p.add_argument("--no-tune", "--no_tune", dest="no_tune", action="store_true",
+                   help="skip the sampling tuning after training (as diffnnunet_train does by default: budget and "
+                        "temperature chosen on fold 0's validation slices, used by the prediction)")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--factor", type=int, default=3, help="downsampling of the 1 mm template (3 -> 3 mm)")
     p.add_argument("--trainers", nargs="+", default=list(TRAINERS))
@@ -55,6 +59,25 @@ def _train(trainer_name: str, args, device, seed: int = 0, dataset: str = str(DA
     start = time.perf_counter()
     trainer.run_training()
     return time.perf_counter() - start
+
+
+def _tune(trainer_name: str, device, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
+          configuration: str = "2d") -> tuple[float, str]:
+    """diffnnunet_train's default last step for diffusion trainers (sampling.json: budget + temperature); returns
+    (seconds, one line) or (0, "") for the stock trainer."""
+    from diffnnunet.inference.tuning import tune_sampling
+    from diffnnunet.trainers import get_trainer_class, is_diffusion_trainer
+    if not is_diffusion_trainer(get_trainer_class(trainer_name)):
+        return 0.0, ""
+    pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+    start = time.perf_counter()
+    s = tune_sampling(_model_folder(trainer_name, dataset, configuration), pre, [0], device=device)
+    cal = s["calibration"]
+    return time.perf_counter() - start, (
+        f"tuned on {s['cases']} validation slices: {s['sampling_steps']} steps x {s['samples_per_step']} samples "
+        f"(validation Dice {s['dice']:.4f}, best {s['best']['dice']:.4f} at {s['best']['steps']} x "
+        f"{s['best']['samples']}); temperature {cal['temperature']:.3f}, validation ECE {cal['ece_before']:.4f} -> "
+        f"{cal['ece_after']:.4f}")
 
 
 def _model_folder(trainer_name: str, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
@@ -166,6 +189,7 @@ def main(argv=None):
     report, predictions, summaries = [], {}, {}
     for trainer in args.trainers:
         t_train = _train(trainer, args, device)
+        t_tune, tuned = (0.0, "") if args.no_tune else _tune(trainer, device)
         pred = os.path.join(out_root, trainer)
         t_pred = _predict(trainer, os.path.join(raw, "imagesTs"), pred, args, device)
         summary = evaluate_folder(os.path.join(raw, "labelsTs"), pred, os.path.join(pred, "summary.json"),
@@ -176,7 +200,9 @@ def main(argv=None):
         report.append(format_summary(summary, f"\n== {trainer}: {args.epochs} epochs x {args.iterations_per_epoch}"
                                               f" iterations, {n_test} test slices (labels 1 = grey, 2 = white "
                                               f"matter)")
-                      + f"\ntime: training {t_train:.1f} s, prediction {t_pred:.1f} s")
+                      + (f"\n{tuned}" if tuned else "")
+                      + f"\ntime: training {t_train:.1f} s, " + (f"tuning {t_tune:.1f} s, " if tuned else "")
+                      + f"prediction {t_pred:.1f} s")
         shutil.copy(os.path.join(_model_folder(trainer), "fold_0", "progress.png"),
                     os.path.join(args.workdir, f"progress_{trainer}.png"))
     figure = os.path.join(args.workdir, "predictions.png")

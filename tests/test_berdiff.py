@@ -148,7 +148,7 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
     plans = json.load(open(os.path.join(env["nnUNet_preprocessed"], NAMES[dim], "BerDiffPlans.json")))
     assert plans["configurations"][CONFIG[dim]]["diffusion"]["method"] == "berdiff"
     train.main([str(IDS[dim]), "BerDiffTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch",
-                "2", "--val-iterations", "1"])
+                "2", "--val-iterations", "1", "--no-tune"])
     fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"BerDiffTrainer__BerDiffPlans__{CONFIG[dim]}", "fold_0")
     for f in ("checkpoint_final.pth", "validation/summary.json"):
         assert os.path.isfile(os.path.join(fold, f)), f

@@ -38,7 +38,8 @@ def _fail(main, argv, capsys):
     return last
 
 
-def _train(dim, trainer="DiffUNetTrainer", fold="0", extra=()):
+def _train(dim, trainer="DiffUNetTrainer", fold="0", extra=("--no-tune",)):
+    """One epoch of two iterations; without the sampling tuning unless ``extra`` leaves ``--no-tune`` out."""
     train.main([str(IDS[dim]), trainer, fold, "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
                 "--val-iterations", "1", *extra])
 
@@ -93,9 +94,11 @@ def test_train_predict_keeps_inputimage_geometry(env, dim, tmp_path):
 
 
 def test_baseline_trainer_and_continue(env, tmp_path, capsys):
-    _train(2, "nnUNetTrainer")
+    _train(2, "nnUNetTrainer", extra=())  # the sampling tuning is on by default, and skipped for nnU-Net
     folder = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d")
     assert os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth"))
+    assert not os.path.exists(os.path.join(folder, "sampling.json"))
+    assert "sampling tuning" not in capsys.readouterr().out
     out = str(tmp_path / "base")
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
@@ -118,7 +121,12 @@ def test_resume_training_with_continue(env):
     from diffnnunet.utils import load_checkpoint_safely
     ckpt = os.path.join(env["nnUNet_results"], NAMES[2], "DiffUNetTrainer__DiffnnUNetPlans__2d", "fold_1",
                         "checkpoint_final.pth")
+    stale = os.path.join(os.path.dirname(os.path.dirname(ckpt)), "sampling.json")
+    os.makedirs(os.path.dirname(stale), exist_ok=True)
+    with open(stale, "w") as f:
+        f.write("{}")  # tuned for other weights: a new training removes it
     _train(2, fold="1")
+    assert not os.path.exists(stale)
     first = load_checkpoint_safely(ckpt)
     assert first["ema_updates"] == 2  # one EMA update per optimizer step (1 epoch x 2 iterations)
     raw, ema = first["raw_network_weights"], first["network_weights"]
@@ -129,7 +137,11 @@ def test_resume_training_with_continue(env):
     for k, v in trainer.method.state_dict().items():
         torch.testing.assert_close(v, raw[k])
         torch.testing.assert_close(trainer.ema.shadow[k], ema[k])
-    _train(2, fold="1", extra=("--epochs", "2", "--continue"))
+    with open(stale, "w") as f:
+        f.write("{}")
+    _train(2, fold="1", extra=("--epochs", "2", "--continue", "--no-tune"))
+    assert os.path.exists(stale)  # --continue trains the same weights on: the tuning is not thrown away
+    os.remove(stale)
     second = load_checkpoint_safely(ckpt)
     assert second["current_epoch"] == 2 and second["ema_updates"] == 4
 
@@ -139,6 +151,8 @@ def test_training_errors(env, capsys):
     assert "NoSuchTrainer" in _fail(train.main, [str(IDS[2]), "NoSuchTrainer", "0"], capsys)
     assert "3d_fullres" in _fail(train.main, [str(IDS[2]), "DiffUNetTrainer", "0", "-c", "3d_fullres"], capsys)
     assert "fold 7" in _fail(train.main, [str(IDS[2]), "DiffUNetTrainer", "7"], capsys)
+    assert "--tune-max-cases must be >= 1" in _fail(train.main, [str(IDS[2]), "DiffUNetTrainer", "0",
+                                                                 "--tune-max-cases", "0"], capsys)
 
 
 def test_prediction_errors(env, tmp_path, capsys):
@@ -222,37 +236,56 @@ def test_console_script_exit_code(env):
     assert r.stderr.strip().startswith("diffnnunet_train: error:") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_tuned_sampling_budget_is_stored_and_used(env, capsys):
+def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, capsys):
+    """The one end-to-end run of the default tuning (``--tune-max-cases 1`` keeps it to one validation case):
+    diffnnunet_train ends by writing sampling.json (budget + temperature) and diffnnunet_predict uses it."""
     from diffnnunet.cli import tune_sampling
     from diffnnunet.inference import DiffusionPredictor
+    from diffnnunet.inference.tuning import DEFAULT_SAMPLES, DEFAULT_STEPS
     folder = os.path.join(env["nnUNet_results"], NAMES[2], "DiffUNetTrainer__DiffnnUNetPlans__2d")
-    if not os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth")):
-        _train(2)
-    tune_sampling.main(["-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "0", "--steps", "1", "3",
-                        "--samples", "1", "2", "--max_cases", "1", "--tolerance", "0.5", "-device", "cpu"])
+    _train(2, fold="2", extra=("--tune-max-cases", "1"))
     out = capsys.readouterr().out
-    assert "<- chosen" in out and "temperature" in out
+    assert "sampling tuning on 1 validation case(s) of fold 2" in out and "<- chosen" in out
     tuned = json.load(open(os.path.join(folder, "sampling.json")))
+    assert tuned["folds"] == [2] and tuned["cases"] == 1
+    rows = {(r["steps"], r["samples"]): r for r in tuned["grid"]}
+    assert set(rows) == {(s, n) for s in DEFAULT_STEPS for n in DEFAULT_SAMPLES}
+    assert all(0 <= r["ece"] <= 1 and (np.isnan(r["auroc"]) or 0 <= r["auroc"] <= 1) for r in rows.values())
+    chosen = (tuned["sampling_steps"], tuned["samples_per_step"])
+    assert rows[chosen]["dice"] >= max(r["dice"] for r in rows.values()) - 0.005  # within half a Dice point
     cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
     assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["voxels"] > 0
-    rows = {(r["steps"], r["samples"]): r for r in tuned["grid"]}
-    assert set(rows) == {(1, 1), (1, 2), (3, 1), (3, 2)}
-    assert all(0 <= r["ece"] <= 1 and (np.isnan(r["auroc"]) or 0 <= r["auroc"] <= 1) for r in rows.values())
-    grid = {g: r["dice"] for g, r in rows.items()}
-    best = max(grid.values())
-    chosen = (tuned["sampling_steps"], tuned["samples_per_step"])
-    assert grid[chosen] >= best - 0.005  # within half a Dice point of the best (uncertainty: tests/test_tuning.py)
+    images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
+    predict.main(["-i", images, "-o", str(tmp_path / "pred"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
+                  "-device", "cpu"])
+    assert f"diffusion sampling: {chosen[0]} steps x {chosen[1]} samples (tuned, sampling.json)" in \
+        capsys.readouterr().out
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(folder, [0])
+    predictor.initialize_from_trained_model_folder(folder, [2])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen
     assert predictor.diffusion["temperature"] == pytest.approx(cal["temperature"])
     predictor = DiffusionPredictor(device=torch_cpu(), steps=5, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(folder, [0])
+    predictor.initialize_from_trained_model_folder(folder, [2])
     assert predictor.sampling_steps == 5  # the command line wins
+    # the tuning command's own grid, without the calibration
+    tune_sampling.main(["-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2", "--steps", "1", "3",
+                        "--samples", "1", "2", "--max_cases", "1", "--no_calibration", "-device", "cpu"])
+    tuned = json.load(open(os.path.join(folder, "sampling.json")))
+    assert {(r["steps"], r["samples"]) for r in tuned["grid"]} == {(1, 1), (1, 2), (3, 1), (3, 2)}
+    assert "calibration" not in tuned
     if not os.path.isdir(os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d", "fold_0")):
         _train(2, "nnUNetTrainer")
     err = _fail(tune_sampling.main, ["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu"], capsys)
     assert "not a diffusion model" in err
+
+
+def test_tuning_after_training_skips_fold_all(env, capsys):
+    from argparse import Namespace
+
+    from diffnnunet.cli.train import load_trainer, tune_after_training
+    trainer = load_trainer(str(IDS[2]), "DiffUNetTrainer", "all", "2d", None, torch_cpu())
+    tune_after_training(Namespace(fold="all", tune_max_cases=None), trainer)
+    assert "sampling tuning skipped: fold 'all' has no validation cases" in capsys.readouterr().out
 
 
 def torch_cpu():
@@ -275,7 +308,7 @@ def test_sigkill_mid_epoch_then_continue(env, trainer, plans):
     from diffnnunet.utils import load_checkpoint_safely
     fold = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_3")
     argv = [sys.executable, "-m", "diffnnunet.cli.train", str(IDS[2]), trainer, "3", "-device", "cpu", "--epochs",
-            "3", "--iterations-per-epoch", "30", "--val-iterations", "1"]
+            "3", "--iterations-per-epoch", "30", "--val-iterations", "1", "--no-tune"]
     proc = subprocess.Popen(argv, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = os.path.join(fold, "checkpoint_latest.pth")

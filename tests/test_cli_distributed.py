@@ -31,7 +31,7 @@ def _train(*extra):
     os.environ["nnUNet_n_proc_DA"] = "0"
     try:
         train.main([str(IDS[2]), "DiffUNetTrainer", "0", "-device", "cpu", "-num_gpus", "2",
-                    "--iterations-per-epoch", "2", "--val-iterations", "1", *extra])
+                    "--iterations-per-epoch", "2", "--val-iterations", "1", "--no-tune", *extra])
     finally:
         os.environ["nnUNet_n_proc_DA"] = old or "2"
 

@@ -277,7 +277,7 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     factor = total_stride(section["latent_strides"])
     assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))
     train.main([str(IDS[dim]), "LDSegTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
-                "--val-iterations", "1"])
+                "--val-iterations", "1", "--no-tune"])
     fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"LDSegTrainer__LDSegPlans__{CONFIG[dim]}", "fold_0")
     for f in ("checkpoint_final.pth", "validation/summary.json"):
         assert os.path.isfile(os.path.join(fold, f)), f

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffnnunet.cli.predict import UNCERTAINTY_MEASURES
-from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics
+from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, ChainStatistics, FoldStatistics, normalized_entropy
 
 
 def _stats(chains, categorical, chunk=1):
@@ -106,6 +106,17 @@ def test_every_method_returns_each_map_in_range(name, arch, spatial):
         assert unc.shape == (2, 1, *spatial) and unc.dtype == torch.float32
         assert float(unc.min()) >= 0 and float(unc.max()) <= 1
         maps[measure] = unc
+        # the parts for several folds (same seed, same chains): the fold's map, then the chains' mean, whose
+        # entropy (of the kind categorical_chains names) is the entropy map
+        parts = m.sample(image, steps=2, samples=3, chunk=2, generator=torch.Generator().manual_seed(0),
+                         return_uncertainty=True, uncertainty=measure + FOLD_PARTS)[1]
+        assert parts.shape == (2, 6 if measure == "std" else 4, *spatial)
+        one = FoldStatistics(measure, m.categorical_chains)
+        one.add(parts)
+        torch.testing.assert_close(one.map(), unc, atol=1e-6, rtol=0)
+        if measure == "entropy":
+            torch.testing.assert_close(normalized_entropy(parts[:, 1:], m.categorical_chains), unc, atol=1e-6,
+                                       rtol=0)
     assert torch.all(maps["mutual_information"] <= maps["entropy"] + 1e-6)  # the epistemic part of the total
     with pytest.raises(ValueError, match="unknown uncertainty measure"):
         m.sample(image, steps=1, samples=2, return_uncertainty=True, uncertainty="variance")

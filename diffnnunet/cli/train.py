@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
@@ -27,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from checkpoint_latest (or best/final)")
     p.add_argument("--val", dest="only_val", action="store_true", help="only run the final validation")
     p.add_argument("--npz", action="store_true", help="save validation probabilities")
-    p.add_argument("--tune-sampling", action="store_true",
-                   help="after the final validation, pick the sampling budget on this fold's validation cases "
-                        "(diffnnunet_tune_sampling; stored in the model folder, used by diffnnunet_predict)")
+    p.add_argument("--no-tune", "--no_tune", dest="no_tune", action="store_true",
+                   help="diffusion trainers: skip the sampling tuning that follows the final validation by default "
+                        "(steps x samples and the temperature, chosen on this fold's validation cases and stored in "
+                        "the model folder's sampling.json, which diffnnunet_predict uses; diffnnunet_tune_sampling "
+                        "does it later)")
+    p.add_argument("--tune-max-cases", type=int, default=None,
+                   help="validation cases the tuning uses (default: all of the fold's)")
     return p
 
 
@@ -99,6 +104,8 @@ def main(argv=None):
     device = parse_device(args.device)
     if args.num_gpus < 1:
         raise UserError(f"-num_gpus must be >= 1, got {args.num_gpus}")
+    if args.tune_max_cases is not None and args.tune_max_cases < 1:
+        raise UserError(f"--tune-max-cases must be >= 1, got {args.tune_max_cases}")
     if args.num_gpus == 1 and not under_torchrun():
         return train(args, device)
     if args.num_gpus > 1 and under_torchrun():
@@ -151,13 +158,41 @@ def train(args, device):
     # every trainer's final validation (the nnU-Net baseline too) reports HD95 and NSD beside Dice and IoU
     with swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
         trainer.perform_actual_validation(args.npz)
-    if args.tune_sampling and trainer.local_rank == 0:  # after the validation's final barrier; one rank tunes
-        from diffnnunet.cli.tune_sampling import run_tuning
-        from diffnnunet.trainers import is_diffusion_trainer
-        if not is_diffusion_trainer(type(trainer)):
-            raise UserError(f"--tune-sampling: {args.trainer} is not a diffusion trainer")
+    if trainer.local_rank == 0 and not args.no_tune:  # after the validation's final barrier; one rank tunes
+        tune_after_training(args, trainer)
+
+
+def tune_after_training(args, trainer) -> None:
+    """The default last step of a diffusion trainer's run: :func:`~diffnnunet.cli.tune_sampling.run_tuning` on this
+    fold's validation cases (budget + temperature into the model folder's sampling.json). Skipped silently for the
+    stock trainer, with one line for fold 'all' and a fold without validation cases; a failed tuning is reported
+    in one line and leaves the trained model as it is."""
+    from diffnnunet.cli.tune_sampling import run_tuning
+    from diffnnunet.inference.tuning import validation_keys
+    from diffnnunet.trainers import is_diffusion_trainer
+    if not is_diffusion_trainer(type(trainer)):
+        return
+    if args.fold == "all":
+        print("sampling tuning skipped: fold 'all' has no validation cases (diffnnunet_tune_sampling tunes on a "
+              "model of folds 0-4)")
+        return
+    try:
+        keys = validation_keys(trainer.preprocessed_dataset_folder_base, int(args.fold))
+    except (RuntimeError, IndexError, KeyError) as e:
+        keys, why = [], str(e)
+    else:
+        why = f"fold {args.fold} has no validation cases in splits_final.json"
+    if not keys:
+        print(f"sampling tuning skipped: {why}")
+        return
+    print(f"sampling tuning on {min(len(keys), args.tune_max_cases or len(keys))} validation case(s) of fold "
+          f"{args.fold} (skip with --no-tune)")
+    try:
         run_tuning(args.dataset, args.trainer, trainer.configuration_name, trainer.plans_manager.plans_name,
-                   [str(args.fold)], device=device)
+                   [str(args.fold)], max_cases=args.tune_max_cases, device=trainer.device)
+    except UserError as e:
+        print(f"sampling tuning failed (the trained model is kept; diffnnunet_tune_sampling retries): {e}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from diffnnunet.inference.export import export_prediction_atomically
+from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, FoldStatistics
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
 _EPS = 1e-6
@@ -82,6 +83,7 @@ class DiffusionPredictor(nnUNetPredictor):
         self.save_uncertainty = save_uncertainty
         self.uncertainty_override = uncertainty
         self.use_tuned_sampling = use_tuned_sampling
+        self.fold_parts = False  # True while several folds predict a case: the sampler returns the map's parts
         self.tuned_sampling = None
         self.diffusion = None
         self.generator = None
@@ -105,6 +107,8 @@ class DiffusionPredictor(nnUNetPredictor):
             self.network = self.network.module
         if isinstance(self.network, OptimizedModule):
             self.network = self.network._orig_mod
+        if hasattr(self.network, "exclusive_labels"):  # regions: independent sigmoids, no one-hot constraint
+            self.network.exclusive_labels = not self.label_manager.has_regions
         if self.compile_steps:
             for module in self.network.step_modules():
                 module.compile(dynamic=False)
@@ -209,7 +213,8 @@ class DiffusionPredictor(nnUNetPredictor):
         return torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _sample_windows_mirrored(self, x: torch.Tensor):
-        native = {"return_uncertainty": True, "uncertainty": self.uncertainty_measure} if self.save_uncertainty else {}
+        measure = self.uncertainty_measure + (FOLD_PARTS if self.fold_parts else "")
+        native = {"return_uncertainty": True, "uncertainty": measure} if self.save_uncertainty else {}
         sampler = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
                           generator=self.generator, chunk=self.samples_per_forward, **native)
 
@@ -241,8 +246,8 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         """nnU-Net's Gaussian-weighted sliding window, ``windows_per_forward`` windows per sampler call. Returns
-        blended probabilities ``(C, *spatial)``, plus one last channel of blended native uncertainty when
-        ``save_uncertainty`` is on and the method has one."""
+        blended probabilities ``(C, *spatial)``, plus the blended native uncertainty when ``save_uncertainty`` is on
+        and the method has one: one last channel, or with ``fold_parts`` the map's parts (FoldStatistics)."""
         if self.diffusion is None:
             return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -269,7 +274,8 @@ class DiffusionPredictor(nnUNetPredictor):
                     weights[sl[1:]] += gaussian
                 if unc is not None:
                     if uncertainty is None:
-                        uncertainty = torch.zeros((1, *data.shape[1:]), dtype=torch.half, device=results_device)
+                        uncertainty = torch.zeros((unc.shape[1], *data.shape[1:]), dtype=torch.half,
+                                                  device=results_device)
                     unc = unc.to(results_device) * gaussian
                     for i, sl in enumerate(group):
                         uncertainty[(slice(None), *sl[1:])] += unc[i]
@@ -283,10 +289,43 @@ class DiffusionPredictor(nnUNetPredictor):
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's per-case prediction (all folds), with the sampling generator restarted at the seed for every
         case: a case's prediction does not depend on the cases predicted before it (``-num_parts`` splits,
-        ``--continue_prediction``, the input order, validation cases spread over DDP ranks)."""
+        ``--continue_prediction``, the input order, validation cases spread over DDP ranks). With several folds
+        and a native map, the map counts the folds' disagreement (:meth:`_predict_folds`)."""
         if self.generator is not None:
             self.generator.manual_seed(self.sampling_seed)
+        if self.diffusion is not None and self.save_uncertainty and len(self.list_of_parameters) > 1:
+            return self._predict_folds(data)
         return super().predict_logits_from_preprocessed_data(data)
+
+    def _predict_folds(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold loop (the mean of the folds' exported logits), except for the native uncertainty map: each
+        fold's sliding window returns the map's parts, :class:`FoldStatistics` combines them (entropy and mutual
+        information gain the folds' Jensen-Shannon divergence, std the between-fold variance), where nnU-Net's
+        loop would average the folds' maps and lose their disagreement. A method whose sampler gives no parts
+        (one channel) has its maps averaged."""
+        from nnunetv2.configuration import default_num_processes
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, n_threads))
+        heads = self.label_manager.num_segmentation_heads
+        folds = FoldStatistics(self.uncertainty_measure, getattr(self.network, "categorical_chains", False))
+        logits, maps = None, []
+        self.fold_parts = self.uncertainty_measure in MEASURES  # BerDiff's 'disagreement' does not decompose
+        try:
+            for params in self.list_of_parameters:
+                self.network.load_state_dict(params)
+                out = self.predict_sliding_window_return_logits(data).to("cpu")
+                logits = out[:heads] if logits is None else logits + out[:heads]
+                if out.shape[0] > heads + 1:
+                    folds.add(out[None, heads:])
+                elif out.shape[0] == heads + 1:
+                    maps.append(out[heads:])
+        finally:
+            self.fold_parts = False
+            torch.set_num_threads(n_threads)
+        logits /= len(self.list_of_parameters)
+        if folds.count:
+            return torch.cat([logits, folds.map()[0]])
+        return torch.cat([logits, torch.stack(maps).mean(0)]) if maps else logits
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:

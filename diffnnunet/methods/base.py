@@ -67,6 +67,13 @@ class DiffusionMethod(nn.Module):
     #: "per_channel": independent per-channel foreground probabilities (sigmoids); "categorical": class
     #: probabilities summing to one over channels (softmax). The predictor converts accordingly.
     probabilities = "per_channel"
+    @property
+    def categorical_chains(self) -> bool:
+        """Whether ``sample``'s uncertainty chains are class probabilities summing to one (categorical entropy) or
+        independent per-channel ones (binary entropy); the predictor combines several folds' maps with the same
+        entropy (:class:`~diffnnunet.methods.uncertainty.FoldStatistics`)."""
+        return self.probabilities == "categorical"
+
     #: True when a trainer must call ``training_step`` itself (extra optimisers, e.g. an adversarial critic)
     custom_optimisation = False
     #: ``forward(mode=...)`` -> the method it runs; a method with a second network (a critic) adds its own loss here

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean
-from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics
+from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics, parse_measure
 from diffnnunet.networks import TimeUNet
 from diffnnunet.processes import BernoulliProcess, CategoricalProcess
 from diffnnunet.utils import expand_to
@@ -137,9 +137,12 @@ class BerDiff(DiffusionMethod):
         where the binary draws would quantize the map to multiples of 1/S), or ``disagreement``, the fraction of
         binary samples against the majority (:func:`sample_disagreement`).
         """
-        if uncertainty not in (*MEASURES, "disagreement"):
-            raise ValueError(f"unknown uncertainty measure '{uncertainty}' (known: {', '.join(MEASURES)}, "
-                             "disagreement)")
+        if uncertainty != "disagreement":
+            try:
+                parse_measure(uncertainty)  # a measure, or its parts for several folds
+            except ValueError:
+                raise ValueError(f"unknown uncertainty measure '{uncertainty}' (known: {', '.join(MEASURES)}, "
+                                 "disagreement)") from None
         proc, per_channel = self.process, bool(self.per_channel)
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))

@@ -95,6 +95,11 @@ class DiffUNet(DiffusionMethod):
         t = torch.full((image.shape[0],), self.process.timesteps - 1, device=image.device, dtype=torch.long)
         return lambda: self(image, x, t, features)
 
+    @property
+    def categorical_chains(self) -> bool:
+        """The map's chains are odds-normalised class probabilities for exclusive labels (see :meth:`sample`)."""
+        return bool(self.exclusive_labels)
+
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 4, generator: torch.Generator | None = None,
                chunk: int | None = None, return_uncertainty: bool = False, return_steps: bool = False,

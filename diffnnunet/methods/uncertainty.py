@@ -12,6 +12,19 @@ Every sampler runs S independent chains; each ends in class probabilities p_s ``
 H is the categorical entropy -sum_c p_c log p_c / log C for class probabilities that sum to one (``categorical``),
 and the binary entropy averaged over channels, -(p log p + (1-p) log(1-p)) / log 2, for independent per-channel
 probabilities (sigmoids: regions, or methods that estimate each label channel on its own).
+
+Several folds (models) predict a case one after the other, each through the whole sliding window, so a window's
+chains never meet the other folds' chains. :class:`FoldStatistics` combines them where each measure decomposes over
+the pooled chains of F folds with equal chain counts, p_bar = (1/F) sum_f p_bar_f:
+
+- ``entropy``: H(p_bar) = (1/F) sum_f H(p_bar_f) + JSD, with JSD = H(p_bar) - (1/F) sum_f H(p_bar_f) >= 0 (the
+  generalised Jensen-Shannon divergence of the folds' means: their disagreement);
+- ``mutual_information``: H(p_bar) - (1/(F S)) sum_{f,s} H(p_fs) = (1/F) sum_f MI_f + JSD;
+- ``std``: per channel Var = (1/F) sum_f Var_f + (1/F) sum_f (p_bar_f - p_bar)^2 (within + between folds).
+
+The within-fold terms are each fold's blended map (per channel for ``std``), the between-fold terms come from the
+folds' blended means, so one fold gives back its own map and folds that agree add nothing; where the windows do
+not overlap the result is the measure of all folds' chains pooled.
 """
 from __future__ import annotations
 
@@ -20,6 +33,16 @@ import math
 import torch
 
 MEASURES = ("entropy", "mutual_information", "std")
+#: suffix of a measure that asks ChainStatistics.map for the parts FoldStatistics combines, not for the map
+FOLD_PARTS = "+folds"
+
+
+def parse_measure(name: str) -> tuple[str, bool]:
+    """``"entropy"`` -> ("entropy", False); ``"entropy+folds"`` -> ("entropy", True); ValueError if unknown."""
+    base = name[:-len(FOLD_PARTS)] if name.endswith(FOLD_PARTS) else name
+    if base not in MEASURES:
+        raise ValueError(f"unknown uncertainty measure '{name}' (known: {', '.join(MEASURES)})")
+    return base, base != name
 
 
 def normalized_entropy(p: torch.Tensor, categorical: bool) -> torch.Tensor:
@@ -78,16 +101,64 @@ class ChainStatistics:
     def mean(self) -> torch.Tensor:
         return self.shift + self.d_sum / self.count
 
+    def channel_std(self) -> torch.Tensor:
+        """Population standard deviation across the chains per channel ``(B, C, *spatial)``."""
+        m = self.d_sum / self.count
+        return (self.d_sq / self.count - m * m).clamp(min=0).sqrt()
+
     def map(self, measure: str = "entropy") -> torch.Tensor:
-        """The ``measure`` map ``(B, 1, *spatial)``; with one chain ``mutual_information`` and ``std`` are 0."""
+        """The ``measure`` map ``(B, 1, *spatial)``; with one chain ``mutual_information`` and ``std`` are 0.
+        ``measure + FOLD_PARTS``: the parts :class:`FoldStatistics` combines over folds, ``(B, 1 + C, *spatial)``
+        (the map, then p_bar) for entropy and mutual information, ``(B, 2 C, *spatial)`` (the per-channel std,
+        then p_bar) for std; every part is linear in the sliding window's blending."""
+        measure, parts = parse_measure(measure)
+        if measure != "entropy" and not self.spread:
+            raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
+        if parts:
+            within = self.channel_std() if measure == "std" else self.map(measure)
+            return torch.cat([within, self.mean()], 1)
         if measure == "entropy":
             return normalized_entropy(self.mean(), self.categorical)
-        if not self.spread and measure in MEASURES:
-            raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
         if measure == "mutual_information":
             mi = normalized_entropy(self.mean(), self.categorical) - self.h_sum / self.count
             return mi.clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0
-        if measure == "std":
-            m = self.d_sum / self.count
-            return (self.d_sq / self.count - m * m).clamp(min=0).sqrt().mean(1, keepdim=True)
-        raise ValueError(f"unknown uncertainty measure '{measure}' (known: {', '.join(MEASURES)})")
+        return self.channel_std().mean(1, keepdim=True)
+
+
+class FoldStatistics:
+    """The ``measure`` map of several folds from their parts (module docstring): ``add(parts)`` once per fold with
+    ``parts`` ``(B, K, *spatial)`` from ``ChainStatistics.map(measure + FOLD_PARTS)`` (blended like the map);
+    ``map()`` -> ``(B, 1, *spatial)``. ``categorical``: the entropy of the folds' chains (ChainStatistics')."""
+
+    def __init__(self, measure: str, categorical: bool):
+        self.measure, self.categorical = parse_measure(measure)[0], bool(categorical)
+        self.count = 0
+        self.within = self.shift = self.d_sum = self.d_sq = self.h_sum = None
+
+    def add(self, parts: torch.Tensor) -> None:
+        parts = parts.float()
+        c = parts.shape[1] // 2 if self.measure == "std" else 1
+        within, p = parts[:, :c], parts[:, c:]
+        if self.measure == "std":
+            within = within * within  # the fold's per-channel variance
+        if self.shift is None:
+            self.shift = p  # sums relative to the first fold's mean: no cancellation when the folds agree
+            self.within, self.d_sum = torch.zeros_like(within), torch.zeros_like(p)
+            self.d_sq = torch.zeros_like(p)
+            self.h_sum = torch.zeros_like(within[:, :1])
+        d = p - self.shift
+        self.within += within
+        self.d_sum += d
+        self.d_sq += d * d
+        if self.measure != "std":
+            self.h_sum += normalized_entropy(p, self.categorical)
+        self.count += 1
+
+    def map(self) -> torch.Tensor:
+        f = self.count
+        if self.measure == "std":
+            m = self.d_sum / f
+            between = (self.d_sq / f - m * m).clamp(min=0)
+            return (self.within / f + between).sqrt().mean(1, keepdim=True)
+        jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
+        return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0

@@ -5,6 +5,8 @@ progress.png, checkpoints (latest/best/final) and ``--continue``. Method variant
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
@@ -90,6 +92,17 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTr
         except (RuntimeError, TypeError, ValueError):  # older torch: no fused AdamW on this device
             optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_fraction)
+
+    def on_train_start(self):
+        """A new training (not ``--continue``) makes the model folder's tuned sampling.json stale: it was chosen
+        for other weights, so it is removed (the default tuning after this run, or diffnnunet_tune_sampling,
+        writes a new one)."""
+        super().on_train_start()
+        from diffnnunet.inference.tuning import SAMPLING_FILE
+        stale = os.path.join(os.path.dirname(self.output_folder), SAMPLING_FILE)
+        if self.current_epoch == 0 and self.local_rank == 0 and os.path.isfile(stale):
+            os.remove(stale)
+            self.print_to_log_file(f"removed {stale}: tuned for the previous weights")
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _encode(self, target):
