@@ -126,7 +126,7 @@ class CDAL(DiffusionMethod):
 
     def step_modules(self) -> list:
         """Only the generator (and the z mapping) run per sampling step; the discriminator never at inference."""
-        return [self.generator] + ([self.mapping] if self.mapping is not None else [])
+        return ([self.mapping] if self.mapping is not None else []) + [self.generator]
 
     # -- generator ---------------------------------------------------------------------------------------------------
     def draw_z(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor | None:
