@@ -52,8 +52,10 @@ class MultiOptimizerMixin:
         return self.__dict__.setdefault("_extra_optimizers", {})
 
     def extra_parameter_groups(self) -> dict:
-        """name -> trainable parameters of each extra network (:meth:`DiffusionMethod.extra_optimised`)."""
-        extra = getattr(self.method, "extra_optimised", dict)()
+        """name -> trainable parameters of each extra network (:meth:`DiffusionMethod.extra_optimised`). Works
+        before and after the DDP / compile wrapping (nnU-Net builds the optimizer before wrapping)."""
+        net = getattr(self.network, "module", self.network)
+        extra = getattr(getattr(net, "_orig_mod", net), "extra_optimised", dict)()
         return {name: [p for p in module.parameters() if p.requires_grad] for name, module in extra.items()}
 
     def main_parameters(self) -> list:
