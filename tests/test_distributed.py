@@ -85,7 +85,8 @@ def _train_steps(kind, module, rank: int, steps: int = 3) -> torch.Tensor:
     torch.manual_seed(100 + rank)  # different timesteps/noise per rank, as in a real run
     fake = SimpleNamespace(device=torch.device("cpu"), network=module, grad_scaler=None, _autocast=nullcontext,
                            optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2),
-                           _encode=lambda target: (target, None), loss=lambda out, target: _ce(out, target))
+                           _encode=lambda target: (target, None), loss=lambda out, target: _ce(out, target),
+                           step_extra_optimizers=lambda *args: {})  # no extra networks (see test_cdal.py)
     for step in range(steps):
         image, labels, x0, _, _ = _batch(1000 * rank + step, HALF)
         TRAINERS[kind].train_step(fake, {"data": image, "target": x0 if kind == "DiffUNetTrainer" else labels})

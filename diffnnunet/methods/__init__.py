@@ -1,9 +1,10 @@
 """One small module per paper; ``METHODS`` maps the plans' ``diffusion.method`` to its class (explicit, no scan)."""
 from diffnnunet.methods.base import DiffusionMethod, encode_target
 from diffnnunet.methods.berdiff import BerDiff
+from diffnnunet.methods.cdal import CDAL
 from diffnnunet.methods.diff_unet import DiffUNet
 from diffnnunet.methods.ldseg import LDSeg
 
-METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg}
+METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg, "cdal": CDAL}
 
-__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]
+__all__ = ["BerDiff", "CDAL", "DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]

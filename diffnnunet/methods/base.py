@@ -67,6 +67,7 @@ class DiffusionMethod(nn.Module):
     #: "per_channel": independent per-channel foreground probabilities (sigmoids); "categorical": class
     #: probabilities summing to one over channels (softmax). The predictor converts accordingly.
     probabilities = "per_channel"
+
     @property
     def categorical_chains(self) -> bool:
         """Whether ``sample``'s uncertainty chains are class probabilities summing to one (categorical entropy) or
@@ -74,10 +75,9 @@ class DiffusionMethod(nn.Module):
         entropy (:class:`~diffnnunet.methods.uncertainty.FoldStatistics`)."""
         return self.probabilities == "categorical"
 
-    #: True when a trainer must call ``training_step`` itself (extra optimisers, e.g. an adversarial critic)
-    custom_optimisation = False
-    #: ``forward(mode=...)`` -> the method it runs; a method with a second network (a critic) adds its own loss here
-    #: (e.g. ``{"loss": "training_loss", "critic_loss": "critic_loss"}``) so that step also runs through DDP
+    #: ``forward(mode=...)`` -> the method it runs; a method with an extra network ``name`` (see
+    #: :meth:`extra_optimised`) adds its loss as mode ``"<name>_loss"`` (cDAL: ``"discriminator_loss"``) so that
+    #: step also runs through the DDP wrapper
     forward_modes = {"loss": "training_loss"}
     #: DDP's ``find_unused_parameters``: True for a method whose loss leaves some parameters out of a step
     ddp_find_unused_parameters = False
@@ -93,6 +93,12 @@ class DiffusionMethod(nn.Module):
         configuration's ``plan`` (patch_size, spacing, batch_size, architecture) -> the diffusion section to store.
         Methods whose settings depend on the configuration (e.g. a latent's downsampling) override this."""
         return settings
+
+    def extra_optimised(self) -> dict:
+        """name -> submodule trained by its own optimizer and LR schedule (trainers/optimizers.py), stepped before
+        the main one with ``forward(mode="<name>_loss")``; its parameters are left out of the main optimizer.
+        Default: none."""
+        return {}
 
     def forward(self, *args, mode: str = "network", **kwargs):
         """``mode="network"``: :meth:`network_forward`; another mode: the method ``forward_modes[mode]`` names."""

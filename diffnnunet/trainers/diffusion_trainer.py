@@ -21,7 +21,7 @@ from diffnnunet.planners.diffusion_planner import DEFAULT_RECIPE
 from diffnnunet.trainers.checkpointing import SafeCheckpointMixin
 from diffnnunet.trainers.distributed import DistributedMixin
 from diffnnunet.trainers.ema import EMAMixin
-from diffnnunet.trainers.lr_schedule import WarmupCosineLR
+from diffnnunet.trainers.optimizers import MultiOptimizerMixin, optimizer_settings
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
 
@@ -33,11 +33,12 @@ def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
     return section
 
 
-class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTrainer):
+class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, DistributedMixin, nnUNetTrainer):
     """Trains ``METHODS[plans.diffusion.method]``; a subclass that sets ``method_name`` insists on that method.
 
     The training recipe comes from the plans' diffusion section (planner.md, "The training recipe"): the optimizer
-    and its warm-up + cosine schedule (``optimizer``), an EMA of the weights for sampling (``ema``, trainers/ema.py).
+    and its warm-up + cosine schedule (``optimizer``; a method's extra networks get their own,
+    trainers/optimizers.py), an EMA of the weights for sampling (``ema``, trainers/ema.py).
     """
 
     method_name: str | None = None
@@ -83,15 +84,9 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTr
         return None  # the method owns its loss (training_loss)
 
     def configure_optimizers(self):
-        """AdamW, fused (one kernel for all parameters) where torch supports it on this device: the per-parameter
-        loop of the unfused CPU AdamW costs a noticeable share of a small training step."""
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        try:
-            optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay,
-                                          fused=self.device.type in ("cuda", "cpu"))
-        except (RuntimeError, TypeError, ValueError):  # older torch: no fused AdamW on this device
-            optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, self.warmup_fraction)
+        """AdamW (fused where supported) with a warm-up cosine schedule over every parameter but those of the
+        method's extra networks, which get their own (:class:`MultiOptimizerMixin`)."""
+        return self.build_optimizer(self.main_parameters(), optimizer_settings(self.diffusion.get("optimizer", {})))
 
     def on_train_start(self):
         """A new training (not ``--continue``) makes the model folder's tuned sampling.json stale: it was chosen
@@ -116,6 +111,7 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTr
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         x0, mask = self._encode(batch["target"])
+        extra_terms = self.step_extra_optimizers(data, x0, mask)  # e.g. a discriminator steps first
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():  # through the (DDP-wrapped) network's forward: gradients are all-reduced under DDP
             terms = self.network(data, x0, mask, mode="loss")
@@ -131,7 +127,7 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTr
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         self.update_ema()
-        return {k: v.detach().float().cpu().numpy() for k, v in terms.items()}
+        return {k: v.detach().float().cpu().numpy() for k, v in {**extra_terms, **terms}.items()}
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -196,3 +192,4 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, DistributedMixin, nnUNetTr
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.load_extra_optimizer_states(ckpt)

@@ -18,3 +18,10 @@ class LDSegTrainer(DiffusionTrainer):
     """LDSeg (Zaman et al. 2024): latent diffusion; settings come from the plans' diffusion section."""
 
     method_name = "ldseg"
+
+
+class cDALTrainer(DiffusionTrainer):
+    """cDAL (Hejrati et al. 2024): generator + discriminator, each with its own optimizer (trainers/optimizers.py);
+    settings come from the plans' diffusion section (cDALPlans)."""
+
+    method_name = "cdal"
