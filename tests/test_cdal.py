@@ -204,7 +204,7 @@ def _fold(env, dim, fold=0):
 def _train(dim, *extra):
     from diffnnunet.cli import train
     train.main([str(IDS[dim]), "cDALTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
-                "--val-iterations", "1", *extra])
+                "--val-iterations", "1", "--no-tune", *extra])
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
