@@ -3,7 +3,8 @@ from diffnnunet.methods.base import DiffusionMethod, encode_target
 from diffnnunet.methods.berdiff import BerDiff
 from diffnnunet.methods.diff_unet import DiffUNet
 from diffnnunet.methods.ldseg import LDSeg
+from diffnnunet.methods.medsegdiff_v2 import MedSegDiffV2
 
-METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg}
+METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg, "medsegdiff_v2": MedSegDiffV2}
 
-__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]
+__all__ = ["BerDiff", "DiffusionMethod", "DiffUNet", "LDSeg", "MedSegDiffV2", "METHODS", "encode_target"]

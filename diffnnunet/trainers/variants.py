@@ -18,3 +18,9 @@ class LDSegTrainer(DiffusionTrainer):
     """LDSeg (Zaman et al. 2024): latent diffusion; settings come from the plans' diffusion section."""
 
     method_name = "ldseg"
+
+
+class MedSegDiffV2Trainer(DiffusionTrainer):
+    """MedSegDiff-V2 (Wu et al. 2024): Condition + Diffusion Model, U-SA, SS-Former; settings from MedSegDiffV2Plans."""
+
+    method_name = "medsegdiff_v2"
