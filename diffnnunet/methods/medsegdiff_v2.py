@@ -73,7 +73,8 @@ class MedSegDiffV2(DiffusionMethod):
         input_channels: image channels M. num_classes: label channels N (one-hot with background, or regions).
         diffusion: the plans' ``diffusion`` section (keys in documentation/medsegdiff_v2.md): ``u_sa``,
             ``ss_former``, ``nbp_filter`` switch the parts (the paper's Table 4 ablation); ``anchor_alpha``,
-            ``anchor_beta`` (Eq. 3); ``ss_blocks``, ``nbp_blocks``, ``nbp_width``, ``max_tokens``; ``fusion``
+            ``anchor_beta`` (Eq. 3); ``ss_blocks``, ``ss_dim`` (token width, at most the bottleneck's channels),
+            ``nbp_blocks``, ``nbp_width``, ``max_tokens``; ``fusion``
             (``staple``, the paper, or ``mean``); ``multiclass`` (``categorical``: softmax anchor for exclusive
             labels; ``per_channel``: sigmoids for regions).
     """
@@ -105,7 +106,8 @@ class MedSegDiffV2(DiffusionMethod):
             else None
         self.ss_former = (SSFormer(features[-1], dim, self.diffusion.temb_dim, int(diffusion.get("ss_blocks", 4)),
                                    bool(diffusion.get("nbp_filter", True)), int(diffusion.get("max_tokens", 64)),
-                                   int(diffusion.get("nbp_width", 16)), int(diffusion.get("nbp_blocks", 6)))
+                                   int(diffusion.get("nbp_width", 16)), int(diffusion.get("nbp_blocks", 6)),
+                                   min(int(diffusion.get("ss_dim") or features[-1]), features[-1]))
                           if diffusion.get("ss_former", True) else None)
 
     @property
@@ -135,7 +137,7 @@ class MedSegDiffV2(DiffusionMethod):
                 bottleneck = [b // s for b, s in zip(bottleneck, stride)]
             total += SSFormer.feature_map_size(m.diffusion.encoder.features[-1], bottleneck, settings["ss_blocks"],
                                                settings["nbp_filter"], settings["max_tokens"], settings["nbp_width"],
-                                               settings["nbp_blocks"])
+                                               settings["nbp_blocks"], m.ss_former.to_semantic[0].wq.in_features)
         return int(total)
 
     # -- networks --------------------------------------------------------------------------------------------------

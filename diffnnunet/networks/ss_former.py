@@ -114,19 +114,22 @@ class SSFormer(nn.Module):
 
     e is the Diffusion Model's bottleneck (noise embedding), c the Condition Model's (semantic embedding). Block n:
     c~ = Attn(q=e, kv=c^n) (the noise embedding encoded into the semantic one), c^{n+1} = Attn(q=c~, kv=e) (back to
-    the noise domain); the result is e + W c^N (a zero-initialised projection: training starts from the plain
-    Diffusion Model). Both maps are pooled to at most ``max_tokens`` positions first (:func:`token_grid`) and the
-    update is upsampled back (trilinear / bilinear).
+    the noise domain). The tokens are linearly projected from C to ``dim`` channels first; the result is
+    e + W c^N (W: ``dim`` -> C, zero-initialised: training starts from the plain Diffusion Model). Both maps are
+    pooled to at most ``max_tokens`` positions first (:func:`token_grid`) and the update is upsampled back
+    (trilinear / bilinear).
     """
 
     def __init__(self, channels: int, spatial_dims: int, temb_dim: int, blocks: int = 4, nbp_filter: bool = True,
-                 max_tokens: int = 64, nbp_width: int = 16, nbp_blocks: int = 6):
+                 max_tokens: int = 64, nbp_width: int = 16, nbp_blocks: int = 6, dim: int | None = None):
         super().__init__()
         self.max_tokens = int(max_tokens)
-        args = (channels, spatial_dims, temb_dim, nbp_filter, nbp_width, nbp_blocks)
+        dim = int(dim or channels)
+        self.embed_e, self.embed_c = nn.Linear(channels, dim), nn.Linear(channels, dim)  # the linear projection
+        args = (dim, spatial_dims, temb_dim, nbp_filter, nbp_width, nbp_blocks)
         self.to_semantic = nn.ModuleList(SpectralCrossAttention(*args) for _ in range(blocks))
         self.to_noise = nn.ModuleList(SpectralCrossAttention(*args) for _ in range(blocks))
-        self.out = nn.Linear(channels, channels)
+        self.out = nn.Linear(dim, channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -139,8 +142,8 @@ class SSFormer(nn.Module):
         else:
             e_tok, c_tok = e, c
         b, ch = e.shape[:2]
-        e_tok = e_tok.flatten(2).transpose(1, 2)  # (B, N, C)
-        c_tok = c_tok.flatten(2).transpose(1, 2).to(e_tok.dtype)
+        e_tok = self.embed_e(e_tok.flatten(2).transpose(1, 2))  # (B, N, d)
+        c_tok = self.embed_c(c_tok.flatten(2).transpose(1, 2).to(e_tok.dtype))
         for to_semantic, to_noise in zip(self.to_semantic, self.to_noise):
             c_mixed = to_semantic(e_tok, c_tok, grid, temb)
             c_tok = to_noise(c_mixed, e_tok, grid, temb)
@@ -152,12 +155,12 @@ class SSFormer(nn.Module):
 
     @staticmethod
     def feature_map_size(channels: int, spatial, blocks: int, nbp_filter: bool, max_tokens: int,
-                         nbp_width: int, nbp_blocks: int) -> int:
+                         nbp_width: int, nbp_blocks: int, dim: int | None = None) -> int:
         """Activation elements of one sample (planner proxy): per attention module the token maps (normalised q,
         kv, the q/k spectra and projections (complex: 2 each), v, f, output, MLP hidden 2d, residuals ~ 14 N d),
         the N x N maps (complex M, M', inverse transforms: 8; A and its softmax: 2) and the NBP-Filter's
         ``nbp_blocks`` x 4 width-wide N x N activations; plus the pooled / upsampled maps."""
         grid = token_grid(spatial, max_tokens)
-        n = math.prod(grid)
-        per_module = 14 * n * channels + 10 * n * n + (4 * nbp_blocks + 2) * nbp_width * n * n * int(nbp_filter)
-        return int(2 * blocks * per_module + 4 * channels * math.prod(int(s) for s in spatial))
+        n, d = math.prod(grid), int(dim or channels)
+        per_module = 14 * n * d + 10 * n * n + (4 * nbp_blocks + 2) * nbp_width * n * n * int(nbp_filter)
+        return int(2 * blocks * per_module + 4 * channels * math.prod(int(s) for s in spatial) + 3 * n * d)
