@@ -169,8 +169,12 @@ def test_one_step_sample_by_hand(arch, spatial):
 
 
 def test_seeded_sampler_regression(arch, spatial, dim):
-    """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map."""
+    """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map (the SS-Former's
+    zero-initialised output projection is filled so that its path is pinned too)."""
     m = _model(arch)
+    with torch.no_grad():
+        m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
+                                                 generator=torch.Generator().manual_seed(7)))
     image = torch.linspace(-1, 1, 2 * math.prod(spatial)).reshape(1, 2, *spatial)
     probs, unc = m.sample(image, steps=3, samples=3, chunk=2, generator=torch.Generator().manual_seed(42),
                           return_uncertainty=True)
@@ -180,7 +184,7 @@ def test_seeded_sampler_regression(arch, spatial, dim):
     assert got == pytest.approx(REGRESSION[dim], abs=2e-4)
 
 
-REGRESSION = {2: [0.5543, 0.2291, 0.8161], 3: [0.5605, 0.2406, 0.7984]}
+REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
 
 
 def test_ablation_switches_remove_the_parts(arch):
