@@ -137,7 +137,7 @@ def test_two_gloo_ranks_sync_like_one_process(kind, tmp_path):
     assert r["unsynced_rank_diff"] > 1e-4  # unwrapped ranks drift apart on their different batches
 
 
-@pytest.mark.parametrize("method_name", ["diff_unet", "berdiff", "ldseg"])
+@pytest.mark.parametrize("method_name", ["diff_unet", "berdiff", "ldseg", "medsegdiff_v2"])
 def test_training_step_uses_every_parameter(method_name):
     """DDP runs with ``find_unused_parameters=False`` (``ddp_find_unused_parameters``): a parameter without a
     gradient would make the second synchronised step fail, so every method's loss must reach all of them."""

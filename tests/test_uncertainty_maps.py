@@ -95,7 +95,7 @@ def _method(name, arch, spatial):
     return METHODS[name](arch, 2, 3, diffusion).eval()
 
 
-@pytest.mark.parametrize("name", ["diff_unet", "berdiff", "ldseg"])
+@pytest.mark.parametrize("name", ["diff_unet", "berdiff", "ldseg", "medsegdiff_v2"])
 def test_every_method_returns_each_map_in_range(name, arch, spatial):
     m = _method(name, arch, spatial)
     image = torch.randn(2, 2, *spatial, generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,9 @@ from diffnnunet.methods.berdiff import BerDiff
 from diffnnunet.methods.cdal import CDAL
 from diffnnunet.methods.diff_unet import DiffUNet
 from diffnnunet.methods.ldseg import LDSeg
+from diffnnunet.methods.medsegdiff_v2 import MedSegDiffV2
 
-METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg, "cdal": CDAL}
+METHODS = {"diff_unet": DiffUNet, "berdiff": BerDiff, "ldseg": LDSeg, "medsegdiff_v2": MedSegDiffV2,
+           "cdal": CDAL}
 
-__all__ = ["BerDiff", "CDAL", "DiffusionMethod", "DiffUNet", "LDSeg", "METHODS", "encode_target"]
+__all__ = ["BerDiff", "CDAL", "DiffusionMethod", "DiffUNet", "LDSeg", "MedSegDiffV2", "METHODS", "encode_target"]

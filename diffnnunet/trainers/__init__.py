@@ -11,7 +11,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as Stock
 
 from diffnnunet.trainers.baseline import nnUNetTrainer
 from diffnnunet.trainers.diffusion_trainer import DiffusionTrainer
-from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer, cDALTrainer
+from diffnnunet.trainers.variants import BerDiffTrainer, DiffUNetTrainer, LDSegTrainer, MedSegDiffV2Trainer, cDALTrainer
 
 TRAINERS = {
     "nnUNetTrainer": nnUNetTrainer,  # nnU-Net's, with safe checkpoints and the DDP fixes (baseline.py)
@@ -19,6 +19,7 @@ TRAINERS = {
     "DiffUNetTrainer": DiffUNetTrainer,
     "BerDiffTrainer": BerDiffTrainer,
     "LDSegTrainer": LDSegTrainer,
+    "MedSegDiffV2Trainer": MedSegDiffV2Trainer,
     "cDALTrainer": cDALTrainer,
 }
 
@@ -48,4 +49,4 @@ def default_plans_for(cls) -> str:
 
 
 __all__ = ["TRAINERS", "get_trainer_class", "DiffusionTrainer", "DiffUNetTrainer", "BerDiffTrainer",
-           "LDSegTrainer", "cDALTrainer", "default_plans_for"]
+           "LDSegTrainer", "MedSegDiffV2Trainer", "cDALTrainer", "default_plans_for"]

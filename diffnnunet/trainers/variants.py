@@ -20,6 +20,12 @@ class LDSegTrainer(DiffusionTrainer):
     method_name = "ldseg"
 
 
+class MedSegDiffV2Trainer(DiffusionTrainer):
+    """MedSegDiff-V2 (Wu et al. 2024): Condition + Diffusion Model, U-SA, SS-Former; settings from MedSegDiffV2Plans."""
+
+    method_name = "medsegdiff_v2"
+
+
 class cDALTrainer(DiffusionTrainer):
     """cDAL (Hejrati et al. 2024): generator + discriminator, each with its own optimizer (trainers/optimizers.py);
     settings come from the plans' diffusion section (cDALPlans)."""

@@ -1,0 +1,266 @@
+"""MedSegDiff-V2: U-SA against Eqs. 4-5 by hand, the NBP-Filter and SS-Former (2D and 3D), STAPLE against SimpleITK,
+the anchor loss of Eq. 3, the DDIM + STAPLE sampler (hand check and seeded regression), the planner's memory
+proxy against nnU-Net's budget rule, and the CLIs end to end on tiny 2D and 3D multi-class data."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from diffnnunet.methods import METHODS, MedSegDiffV2, encode_target
+from diffnnunet.methods.medsegdiff_v2 import USA
+from diffnnunet.methods.staple import staple, staple_fuse
+from diffnnunet.networks import TimeEmbedding
+from diffnnunet.networks.ss_former import NBPFilter, SpectralCrossAttention, SSFormer, token_grid
+from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+from diffnnunet.trainers import TRAINERS, default_plans_for
+from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
+
+
+def _model(arch, channels=2, classes=3, **diffusion):
+    torch.manual_seed(0)
+    return MedSegDiffV2(arch, channels, classes, {**DEFAULT_DIFFUSION["medsegdiff_v2"], **diffusion}).eval()
+
+
+def _onehot(spatial, classes=3, batch=2, seed=0):
+    labels = torch.randint(0, classes, (batch, 1, *spatial), generator=torch.Generator().manual_seed(seed))
+    return encode_target(labels.float(), classes, has_regions=False, ignore_label=None)[0]
+
+
+def test_registration():
+    assert METHODS["medsegdiff_v2"] is MedSegDiffV2
+    assert default_plans_for(TRAINERS["MedSegDiffV2Trainer"]) == "MedSegDiffV2Plans"
+
+
+# -- U-SA ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_usa_is_eqs_4_and_5_by_hand(dim):
+    """f_c: channel 0 a unit impulse, channel 1 constant -1; sigma = 1, a 5-wide kernel per in-plane axis (3D: the
+    first axis has a 1-wide kernel, as for nnU-Net's in-plane-only first stage); 1x1 conv weights (0.7, -0.3), bias
+    0.1. Then k_Gauss(dx, dy) = exp(-(dx^2 + dy^2) / 2) / Z, f_anc0 = max(k, impulse), f_anc1 = -1 inside, and
+    f_d' = sigmoid(0.7 f_anc0 + 0.3 + 0.1) f_d + f_d."""
+    spatial = (12, 12) if dim == 2 else (3, 12, 12)
+    size = [5, 5] if dim == 2 else [1, 5, 5]
+    usa = USA(2, dim, size)
+    with torch.no_grad():
+        usa.smooth.log_sigma.zero_()
+        usa.proj.weight.copy_(torch.tensor([0.7, -0.3]).reshape(1, 2, *([1] * dim)))
+        usa.proj.bias.fill_(0.1)
+    centre = tuple(s // 2 for s in spatial)
+    f_c = torch.zeros(1, 2, *spatial)
+    f_c[(0, 0) + centre] = 1.0
+    f_c[:, 1] = -1.0
+    f_d = torch.randn(1, 3, *spatial, generator=torch.Generator().manual_seed(0))
+    got = usa(f_c, f_d)
+    z = sum(math.exp(-x * x / 2) for x in range(-2, 3)) ** 2
+    expected_anc0 = np.zeros(spatial)
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            idx = centre[:-2] + (centre[-2] + dx, centre[-1] + dy)
+            expected_anc0[idx] = math.exp(-(dx * dx + dy * dy) / 2) / z
+    expected_anc0[centre] = 1.0  # max(k(0, 0) = 0.16, impulse 1)
+    gate = 1 / (1 + np.exp(-(0.7 * expected_anc0 + 0.3 + 0.1)))
+    expected = gate[None, None] * f_d.numpy() + f_d.numpy()
+    inner = (..., slice(2, -2), slice(2, -2))  # channel 1's smoothing sees the zero padding near the border
+    np.testing.assert_allclose(got.detach().numpy()[inner], expected[inner], rtol=1e-5, atol=1e-6)
+
+
+# -- NBP-Filter and SS-Former ----------------------------------------------------------------------------------------
+def test_nbp_filter_in_unit_interval_and_depends_on_t():
+    torch.manual_seed(0)
+    temb = TimeEmbedding(16)
+    nbp = NBPFilter(2, 16, width=8, blocks=6)
+    out = nbp((3, 4), temb(torch.tensor([0, 500, 999])))
+    assert out.shape == (3, 12, 12)
+    assert out.min() > 0 and out.max() < 1
+    assert (out[0] - out[2]).abs().max() > 1e-4 and (out[1] - out[2]).abs().max() > 1e-4
+    with torch.no_grad():  # the timestep enters only through the per-block scale and shift
+        for film in nbp.film:
+            film[-1].weight.zero_()
+    flat = nbp((3, 4), temb(torch.tensor([0, 999])))
+    torch.testing.assert_close(flat[0], flat[1])
+
+
+def test_pass_all_spectral_affinity_is_the_spatial_one():
+    """With no filter (or a filter of ones) A = Re(F^H M F) = (q W^q)(k W^k)^T / sqrt(d) exactly."""
+    torch.manual_seed(0)
+    attn = SpectralCrossAttention(8, 3, 16, nbp_filter=False)
+    q, k = torch.randn(2, 2 * 3 * 2, 8), torch.randn(2, 12, 8)
+    got = attn.affinity(q, k, (2, 3, 2), None)
+    expected = (q @ attn.wq.weight.T) @ (k @ attn.wk.weight.T).transpose(1, 2) / math.sqrt(8)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_ss_former_shapes_and_token_pooling(dim):
+    torch.manual_seed(0)
+    spatial = (6, 10) if dim == 2 else (3, 4, 6)
+    ss = SSFormer(8, dim, 16, blocks=2, max_tokens=16)
+    torch.nn.init.normal_(ss.out.weight)  # zero-initialised: make the update visible
+    e, c = torch.randn(2, 8, *spatial), torch.randn(2, 8, *spatial)
+    out = ss(e, c, torch.randn(2, 16))
+    assert out.shape == e.shape and not torch.allclose(out, e)
+    assert math.prod(token_grid(spatial, 16)) <= 16
+    assert token_grid((4, 4), 16) == [4, 4] and token_grid((3, 4, 6), 16) == [2, 2, 3]
+
+
+# -- STAPLE ----------------------------------------------------------------------------------------------------------
+def test_staple_matches_simpleitk():
+    g = torch.Generator().manual_seed(0)
+    truth = (torch.rand(3, 12, 14, generator=g) < 0.4).float()
+    raters = [(truth + (torch.rand(3, 12, 14, generator=g) < flip).float()) % 2 for flip in (0.05, 0.1, 0.3)]
+    decisions = torch.stack(raters)  # (S, *spatial)
+    w, p, q = staple(decisions.reshape(1, 3, -1), max_iterations=200, tolerance=1e-12)
+    f = sitk.STAPLEImageFilter()
+    f.SetForegroundValue(1)
+    ref = f.Execute([sitk.GetImageFromArray(r.numpy().astype(np.uint8)) for r in raters])
+    np.testing.assert_allclose(w.reshape(3, 12, 14).numpy(), sitk.GetArrayFromImage(ref), atol=1e-4)
+    np.testing.assert_allclose(p[0].numpy(), f.GetSensitivity(), atol=1e-4)
+    np.testing.assert_allclose(q[0].numpy(), f.GetSpecificity(), atol=1e-4)
+    # batched per window and channel: (B, S, C, *sp); the second channel is the first one inverted
+    both = torch.stack([decisions, 1 - decisions], 1)[None].repeat(2, 1, 1, 1, 1, 1)
+    fused = staple_fuse(both, max_iterations=200, tolerance=1e-12)
+    assert fused.shape == (2, 2, 3, 12, 14)
+    torch.testing.assert_close(fused[1, 0], w.reshape(3, 12, 14).float(), atol=1e-4, rtol=0)
+
+
+# -- loss and sampler ------------------------------------------------------------------------------------------------
+def test_anchor_loss_only_where_t_is_on_the_alpha_grid(arch, spatial):
+    """Eq. 3: L = MSE(eps, eps_theta) + (1/B) sum_b [t_b % 5 == 0] (Dice + 10 CE) of the Condition Model."""
+    m = _model(arch).train()
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    noise = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    m.condition.register_forward_hook(lambda mod, inp, out: seen.update(logits=out[0]))
+    m.diffusion.register_forward_hook(lambda mod, inp, out: seen.update(eps=out))
+    off = m.training_loss(image, x0, t=torch.tensor([3, 7]), noise=noise)
+    torch.testing.assert_close(off["loss"], ((seen["eps"] - noise) ** 2).mean())
+    on = m.training_loss(image, x0, t=torch.tensor([10, 7]), noise=noise)
+    probs, target = torch.softmax(seen["logits"][:1], 1), x0[:1]
+    axes = [0] + list(range(2, probs.ndim))
+    dice = 1 - ((2 * (probs * target).sum(axes) + 1e-5) / (probs.sum(axes) + target.sum(axes) + 1e-5)).mean()
+    ce = -(target * torch.log_softmax(seen["logits"][:1], 1)).sum(1).mean()
+    mse = ((seen["eps"] - noise) ** 2).mean()
+    torch.testing.assert_close(on["loss"], mse + 0.5 * (dice + 10 * ce), rtol=1e-5, atol=1e-6)
+    on["loss"].backward()
+    assert all(p.grad is not None for p in m.condition.parameters())
+    assert m(image).shape == (2, 3, *spatial)  # nnU-Net's bare network(x): the anchor logits
+
+
+def test_one_step_sample_by_hand(arch, spatial):
+    """1 step, 1 sample, fusion 'mean': p = (clip(x0_hat, -1, 1) + 1) / 2 with x0_hat = (x_T - sqrt(1 - abar)
+    eps_theta) / sqrt(abar) at t = 999 of DDPM's linear schedule; STAPLE of one sample returns its decision."""
+    m = _model(arch, fusion="mean", u_sa=False)
+    image = torch.randn(1, 2, *spatial)
+    x_t = torch.randn((1, 3, *spatial), generator=torch.Generator().manual_seed(3))
+    abar = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
+    eps = m(image, x_t, torch.tensor([999]))
+    expected = ((x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1) / 2 + 0.5
+    got = m.sample(image, steps=1, samples=1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    m.fusion = "staple"
+    fused = m.sample(image, steps=1, samples=1, generator=torch.Generator().manual_seed(3))
+    onehot = F.one_hot(expected.argmax(1), 3).movedim(-1, 1).float()
+    torch.testing.assert_close(fused, onehot, atol=1e-3, rtol=0)
+
+
+def test_seeded_sampler_regression(arch, spatial, dim):
+    """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map (the SS-Former's
+    zero-initialised output projection is filled so that its path is pinned too)."""
+    m = _model(arch)
+    with torch.no_grad():
+        m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
+                                                 generator=torch.Generator().manual_seed(7)))
+    image = torch.linspace(-1, 1, 2 * math.prod(spatial)).reshape(1, 2, *spatial)
+    probs, unc = m.sample(image, steps=3, samples=3, chunk=2, generator=torch.Generator().manual_seed(42),
+                          return_uncertainty=True)
+    assert probs.shape == (1, 3, *spatial) and unc.shape == (1, 1, *spatial)
+    assert probs.min() >= 0 and probs.max() <= 1 and unc.min() >= 0 and unc.max() <= 1
+    got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
+    assert got == pytest.approx(REGRESSION[dim], abs=2e-4)
+
+
+REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
+
+
+def test_ablation_switches_remove_the_parts(arch):
+    m = _model(arch, u_sa=False, ss_former=False)
+    assert m.u_sa is None and m.ss_former is None
+    m = _model(arch, nbp_filter=False)
+    assert all(a.filter is None for a in m.ss_former.to_semantic)
+
+
+# -- planner and CLIs end to end -------------------------------------------------------------------------------------
+IDS = {2: 851, 3: 852}
+NAMES = dataset_names(IDS)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from synthetic_cli_env(
+        tmp_path_factory.mktemp("nnunet_medsegdiff_v2"), IDS,
+        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "medsegdiff_v2",
+          "--no_baseline"]],
+        "MedSegDiffV2Plans", sampling_steps=2, samples_per_step=2)
+
+
+def test_planned_patch_and_batch_fit_the_memory_budget(env):
+    """A fingerprint of large volumes: the planner shrinks the patch until nnU-Net's budget rule holds for the
+    method's proxy (both U-Nets, U-SA, SS-Former), i.e. proxy(patch) x (batch - 1/2) <= reference x ref_bs (the
+    batch size is round(reference / proxy x ref_bs), at least 2)."""
+    from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
+    from diffnnunet.planners import DiffusionPlanner
+    planner = DiffusionPlanner(NAMES[3], 4, plans_name="MedSegDiffV2BudgetPlans", method="medsegdiff_v2")
+    fingerprint = planner.dataset_fingerprint
+    fingerprint["shapes_after_crop"] = [[120, 300, 280]] * len(fingerprint["shapes_after_crop"])
+    fingerprint["spacings"] = [[1.0, 1.0, 1.0]] * len(fingerprint["spacings"])
+    plans = planner.plan_experiment()
+    for name in ("2d", "3d_fullres"):
+        cfg = plans["configurations"][name]
+        arch = resolve_arch_kwargs(cfg["architecture"]["arch_kwargs"])
+        patch = cfg["patch_size"]
+        proxy = MedSegDiffV2.feature_map_size(arch, 2, 3, patch)
+        three_d = len(patch) == 3
+        reference = ((planner.UNet_reference_val_3d if three_d else planner.UNet_reference_val_2d)
+                     * 4 / planner.UNet_reference_val_corresp_GB)
+        ref_bs = planner.UNet_reference_val_corresp_bs_3d if three_d else planner.UNet_reference_val_corresp_bs_2d
+        assert proxy * (cfg["batch_size"] - 0.5) <= reference * ref_bs, name
+        assert cfg["diffusion"]["method"] == "medsegdiff_v2" and cfg["diffusion"]["multiclass"] == "categorical"
+        # the proxy counts the second U-Net and the attention on top of the Diffusion Model
+        assert proxy > 2 * TimeUNet(2, 3, **arch, time_embedding=False).compute_conv_feature_map_size(patch)
+    assert math.prod(plans["configurations"]["3d_fullres"]["patch_size"]) < 120 * 300 * 280  # the budget bites
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
+    from diffnnunet.cli import predict, train
+    plans = json.load(open(os.path.join(env["nnUNet_preprocessed"], NAMES[dim], "MedSegDiffV2Plans.json")))
+    assert plans["configurations"][CONFIG[dim]]["diffusion"]["method"] == "medsegdiff_v2"
+    train.main([str(IDS[dim]), "MedSegDiffV2Trainer", "0", "-device", "cpu", "--epochs", "1",
+                "--iterations-per-epoch", "2", "--val-iterations", "1", "--no-tune"])
+    fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"MedSegDiffV2Trainer__MedSegDiffV2Plans__{CONFIG[dim]}",
+                        "fold_0")
+    for f in ("checkpoint_final.pth", "validation/summary.json"):
+        assert os.path.isfile(os.path.join(fold, f)), f
+    out = str(tmp_path / "pred")
+    images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
+    predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "MedSegDiffV2Trainer", "-f", "0",
+                  "-device", "cpu", "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "3"])
+    for case in sorted({f[:-12] for f in os.listdir(images)}):
+        src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
+        for name in (case + ".nii.gz", case + "_uncertainty.nii.gz"):
+            got = image_geometry(os.path.join(out, name))
+            assert got[0] == src[0], name
+            for a, b in zip(got[1:], src[1:]):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2}
+        unc = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz")))
+        assert unc.min() >= 0 and unc.max() <= 1 + 1e-3
+        probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
+        assert probs.shape[0] == 3
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
