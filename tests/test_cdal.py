@@ -270,7 +270,8 @@ def _ddp_worker(out_dir: str):
     disc = torch.optim.AdamW(method.discriminator.parameters(), 1e-2)
     fake = SimpleNamespace(device=torch.device("cpu"), network=ddp, method=method, grad_scaler=None,
                            _autocast=nullcontext, _encode=lambda target: (target, None),
-                           extra_optimizers={"discriminator": disc}, extra_grad_scalers={"discriminator": None})
+                           extra_optimizers={"discriminator": disc}, extra_grad_scalers={"discriminator": None},
+                           update_ema=lambda: None)
     for name in ("step_extra_optimizers", "extra_parameter_groups", "optimizer_step", "main_parameters"):
         setattr(fake, name, getattr(MultiOptimizerMixin, name).__get__(fake))
     fake.optimizer = torch.optim.AdamW(fake.main_parameters(), 1e-2)

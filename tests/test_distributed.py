@@ -86,7 +86,8 @@ def _train_steps(kind, module, rank: int, steps: int = 3) -> torch.Tensor:
     fake = SimpleNamespace(device=torch.device("cpu"), network=module, grad_scaler=None, _autocast=nullcontext,
                            optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2),
                            _encode=lambda target: (target, None), loss=lambda out, target: _ce(out, target),
-                           step_extra_optimizers=lambda *args: {})  # no extra networks (see test_cdal.py)
+                           step_extra_optimizers=lambda *args: {},  # no extra networks (see test_cdal.py)
+                           update_ema=lambda: None)  # no EMA here (tests/test_recipe.py)
     for step in range(steps):
         image, labels, x0, _, _ = _batch(1000 * rank + step, HALF)
         TRAINERS[kind].train_step(fake, {"data": image, "target": x0 if kind == "DiffUNetTrainer" else labels})
