@@ -302,3 +302,78 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
         probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
         assert probs.shape[0] == 3
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
+
+
+# -- recipe switches (documentation/ldseg.md, "Why LDSeg lagged") ----------------------------------------------------
+def _cosine_alpha_bar(t: int, T: int = 1000, s: float = 0.008) -> float:
+    """abar_t of Nichol & Dhariwal's cosine schedule with betas clipped at 0.999 (only the last one is)."""
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    out = 1.0
+    for i in range(t + 1):
+        out *= 1 - min(1 - f(i + 1) / f(i), 0.999)
+    return out
+
+
+def test_x0_gain_at_the_last_step_eps_vs_x0_prediction(arch, spatial):
+    """eps-prediction turns an output error delta into an x0 error delta * sqrt(1-abar)/sqrt(abar) (~2e4 at
+    t = 999); x0-prediction passes it through with gain 1."""
+    z_t = torch.zeros(1, 4, *[2] * len(spatial))
+    delta = torch.full_like(z_t, 1e-4)
+    t = torch.tensor([999])
+    ab = _cosine_alpha_bar(999)
+    gain = math.sqrt(1 - ab) / math.sqrt(ab)
+    assert 1.5e4 < gain < 3e4
+    eps_model, x0_model = _model(arch, spatial), _model(arch, spatial, prediction="x0")
+    assert eps_model.estimate_x0(delta, z_t, t).abs().max().item() == pytest.approx(min(gain * 1e-4, 5.0), rel=1e-3)
+    torch.testing.assert_close(x0_model.estimate_x0(delta, z_t, t), delta)
+    with pytest.raises(ValueError, match="prediction 'v'"):
+        _model(arch, spatial, prediction="v")
+
+
+@pytest.mark.parametrize("variant", ["paper", "x0"])
+def test_training_loss_with_x0_prediction(arch, spatial, variant):
+    m = _model(arch, spatial, prediction="x0", denoised_latent=variant,
+               loss_weights={"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.5})
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    terms = m.training_loss(image, x0, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    z_l, z_i = m.encode_label(x0), m.encode_image(image)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(z_l.shape, generator=g)
+    ab = torch.tensor([_cosine_alpha_bar(int(v)) for v in t]).float().reshape(2, *[1] * (z_l.ndim - 1))
+    z_t = ab.sqrt() * z_l + (1 - ab).sqrt() * eps  # Eq. 11
+    x0_hat = m.denoiser(torch.cat([z_t, z_i], 1), t)  # the denoiser outputs the clean latent
+    eps_hat = (z_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    z_dn = z_t - eps_hat if variant == "paper" else x0_hat.clamp(-5, 5)
+
+    def seg(logits):
+        p = torch.softmax(logits, 1)
+        axes = [0] + list(range(2, p.ndim))
+        return (-(x0 * torch.log(p)).sum(1).mean()
+                + 2 * (1 - (2 * (p * x0).sum(axes) / (p.sum(axes) + x0.sum(axes))).mean()))
+
+    mse = ((x0_hat - z_l) ** 2).mean()  # Eq. 17 with the clean latent as the target
+    ae = seg(m.label_decoder(z_l))  # the auxiliary term: decode the clean label latent
+    ref = seg(m.label_decoder(z_dn)) + mse + 0.5 * ae
+    for key, value in (("mse", mse), ("autoencoder", ae), ("loss", ref)):
+        torch.testing.assert_close(terms[key], value, rtol=2e-4, atol=1e-4, msg=key)
+    assert "autoencoder" not in _model(arch, spatial).training_loss(image, x0)  # off by default (the paper)
+
+
+def test_latent_norm_variants(arch, spatial):
+    x0 = _onehot(spatial, batch=3)
+    batch = _model(arch, spatial, latent_norm="batch").train()
+    z = batch.encode_label(x0)
+    axes = [0] + list(range(2, z.ndim))
+    torch.testing.assert_close(z.mean(axes), torch.zeros(4), atol=1e-5, rtol=0)  # over batch and positions
+    torch.testing.assert_close(z.var(axes, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    raw = _model(arch, spatial, latent_norm="none")
+    torch.testing.assert_close(raw.encode_label(x0), raw.label_encoder.out(raw.label_encoder.stages(x0)))
+    with pytest.raises(ValueError, match="latent_norm 'tanh'"):
+        _model(arch, spatial, latent_norm="tanh")
+
+
+def test_latent_downsampling_key_sets_the_latent_size():
+    plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
+    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], latent_downsampling=4), plan)
+    assert total_stride(settings["latent_strides"]) == [4, 4, 4] and settings["latent_size"] == [8, 64, 64]
