@@ -9,6 +9,7 @@ from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+from tests.conftest import ARCH_2D as ARCH_2D_TINY
 from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
 
 NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
@@ -68,10 +69,15 @@ def test_configure_plans_stores_the_layout():
     assert METHODS["ldseg"] is LDSeg and LDSeg.plans_name == "LDSegPlans" and LDSeg.probabilities == "categorical"
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_paper_plus_the_recipe():
     d = DEFAULT_DIFFUSION["ldseg"]
-    assert (d["schedule"], d["timesteps"], d["prediction"], d["sampling_steps"]) == ("cosine", 1000, "eps", 2)
+    assert (d["schedule"], d["timesteps"], d["sampling_steps"]) == ("cosine", 1000, 2)
     assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
+    # the recipe's departures (documentation/ldseg.md); a module built without them is the paper's
+    assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", True, 1.0)
+    paper = _model(ARCH_2D_TINY, (16, 16))
+    assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
+    assert isinstance(paper.label_encoder.standardize, LatentStandardize)
 
 
 # -- networks --------------------------------------------------------------------------------------------------------
@@ -377,3 +383,14 @@ def test_latent_downsampling_key_sets_the_latent_size():
     plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
     settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], latent_downsampling=4), plan)
     assert total_stride(settings["latent_strides"]) == [4, 4, 4] and settings["latent_size"] == [8, 64, 64]
+
+
+def test_min_latent_size_key_keeps_small_patches_from_collapsing_to_a_few_latent_cells():
+    recipe = dict(DEFAULT_DIFFUSION["ldseg"])
+    small = LDSeg.configure_plans(dict(recipe), {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert total_stride(small["latent_strides"]) == [4, 4] and small["latent_size"] == [20, 20]  # 8x would leave 10
+    paper = LDSeg.configure_plans(dict(recipe, min_latent_size=2),
+                                  {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert paper["latent_size"] == [5, 5]
+    big = LDSeg.configure_plans(dict(recipe), {"patch_size": [256, 256], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert big["latent_size"] == [16, 16]  # large patches keep the paper's 16x

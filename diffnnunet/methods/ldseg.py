@@ -12,6 +12,7 @@ from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet
 from diffnnunet.networks.latent import (
     LATENT_DOWNSAMPLING,
+    MIN_LATENT_SIZE,
     ImageEncoder,
     LabelDecoder,
     LabelEncoder,
@@ -27,6 +28,9 @@ DENOISED_LATENTS = ("paper", "x0")
 PREDICTIONS = ("eps", "x0")
 #: decoder output: softmax over the N channels (exclusive labels) or a sigmoid per channel (nnU-Net regions)
 MULTICLASS_MODES = ("categorical", "per_channel")
+#: the recipe's smallest latent size per axis (where the patch allows): the paper's latents are 8-48 per axis, a
+#: 16x downsampling of an 80-voxel patch leaves 5 and the label auto-encoder cannot represent thin structures
+RECIPE_MIN_LATENT_SIZE = 16
 
 
 def ce_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,7 +125,8 @@ class LDSeg(DiffusionMethod):
         """Store the latent downsampling chosen from the plan's strides and patch (:func:`latent_layout`)."""
         arch, patch = plan["architecture"]["arch_kwargs"], [int(p) for p in plan["patch_size"]]
         target = int(settings.get("latent_downsampling", LATENT_DOWNSAMPLING))
-        latent_strides, denoiser_strides = latent_layout(arch, patch, target)
+        min_size = int(settings.get("min_latent_size", MIN_LATENT_SIZE))
+        latent_strides, denoiser_strides = latent_layout(arch, patch, target, min_size)
         settings["latent_strides"], settings["denoiser_strides"] = latent_strides, denoiser_strides
         settings["latent_size"] = [p // s for p, s in zip(patch, total_stride(latent_strides))]
         return settings
@@ -130,7 +135,7 @@ class LDSeg(DiffusionMethod):
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
         """VRAM proxy for the planner: elements of every conv / transposed-conv / attention output of one training
         forward (both encoders, denoiser, decoder) for one sample, counted with shape-only (meta) tensors."""
-        latent_strides, denoiser_strides = latent_layout(arch_kwargs, patch_size)
+        latent_strides, denoiser_strides = latent_layout(arch_kwargs, patch_size, min_size=RECIPE_MIN_LATENT_SIZE)
         settings = {"latent_strides": latent_strides, "denoiser_strides": denoiser_strides, "timesteps": 2}
         with torch.device("meta"):
             m = LDSeg(arch_kwargs, input_channels, num_classes, settings)
