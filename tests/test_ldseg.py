@@ -279,7 +279,8 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     section = cfg["diffusion"]
     assert section["method"] == "ldseg" and section["sampling_steps"] == 2
     assert section["multiclass"] == "categorical"  # resolved from dataset.json: exclusive labels -> softmax
-    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"])[0]
+    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"],
+                                                      section["latent_downsampling"], section["min_latent_size"])[0]
     factor = total_stride(section["latent_strides"])
     assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))
     train.main([str(IDS[dim]), "LDSegTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
