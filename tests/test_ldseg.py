@@ -78,6 +78,11 @@ def test_defaults_follow_the_paper_plus_the_recipe():
     paper = _model(ARCH_2D_TINY, (16, 16))
     assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
     assert isinstance(paper.label_encoder.standardize, LatentStandardize)
+    recipe_paper = {**d, **d["paper_recipe"]}  # what recipe "paper" writes
+    plan = {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}}
+    m = LDSeg(NNUNET_2D, 1, 3, LDSeg.configure_plans(recipe_paper, plan))
+    assert (m.process.prediction, m.latent_stop_gradient, m.w_ae, total_stride(m.latent_strides)) == (
+        "eps", False, 0.0, [16, 16])
 
 
 # -- networks --------------------------------------------------------------------------------------------------------

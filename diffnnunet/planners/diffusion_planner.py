@@ -43,13 +43,17 @@ DEFAULT_DIFFUSION = {
         "method": "ldseg", "process": "gaussian", "timesteps": 1000, "schedule": "cosine",
         "eta": 0.0, "sampling_steps": 2, "samples_per_step": 4, "latent_channels": 4,
         "denoised_latent": "x0", "x0_clip": 5.0, "multiclass": "auto", "uncertainty": "entropy",
-        # the recipe (documentation/ldseg.md, "Why LDSeg lagged"); the paper: prediction "eps", latent_norm
-        # "instance", latent_stop_gradient false, loss_weights.autoencoder 0, min_latent_size 2
+        # the recipe (documentation/ldseg.md, "Why LDSeg lagged"); the paper's values are in paper_recipe
         "prediction": "x0", "latent_norm": "instance", "latent_stop_gradient": True,
         "latent_downsampling": 16, "min_latent_size": RECIPE_MIN_LATENT_SIZE,
         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 1.0},
         "validation_sampling_steps": 2, "validation_samples": 1,
         "optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+        # recipe "paper" (main's training_recipe writes these keys over the ones above): the paper's LDSeg
+        "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5,
+                                       "warmup_fraction": 0.1},
+                         "prediction": "eps", "latent_stop_gradient": False, "min_latent_size": 2,
+                         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0}},
         "seed": 12345,
     },
 }
