@@ -61,9 +61,11 @@ def test_latent_layout_respects_the_patch():
 
 def test_configure_plans_stores_the_layout():
     plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
-    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"]), plan)
+    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], min_latent_size=2), plan)  # the paper's
     assert total_stride(settings["latent_strides"]) == [4, 16, 16]
     assert settings["latent_size"] == [8, 16, 16] and settings["denoiser_strides"] == [[1, 1, 1], [2, 2, 2]]
+    recipe = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"]), plan)  # >= 16 latent positions per axis
+    assert total_stride(recipe["latent_strides"]) == [2, 16, 16] and recipe["latent_size"] == [16, 16, 16]
     m = LDSeg(NNUNET_3D_ANISO, 1, 2, settings)
     assert m.latent_strides == settings["latent_strides"]
     assert METHODS["ldseg"] is LDSeg and LDSeg.plans_name == "LDSegPlans" and LDSeg.probabilities == "categorical"
@@ -388,7 +390,7 @@ def test_latent_norm_variants(arch, spatial):
 def test_latent_downsampling_key_sets_the_latent_size():
     plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
     settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], latent_downsampling=4), plan)
-    assert total_stride(settings["latent_strides"]) == [4, 4, 4] and settings["latent_size"] == [8, 64, 64]
+    assert total_stride(settings["latent_strides"]) == [2, 4, 4] and settings["latent_size"] == [16, 64, 64]
 
 
 def test_min_latent_size_key_keeps_small_patches_from_collapsing_to_a_few_latent_cells():
