@@ -9,6 +9,7 @@ from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
+from tests.conftest import ARCH_2D as ARCH_2D_TINY
 from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
 
 NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
@@ -60,18 +61,30 @@ def test_latent_layout_respects_the_patch():
 
 def test_configure_plans_stores_the_layout():
     plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
-    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"]), plan)
+    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], min_latent_size=2), plan)  # the paper's
     assert total_stride(settings["latent_strides"]) == [4, 16, 16]
     assert settings["latent_size"] == [8, 16, 16] and settings["denoiser_strides"] == [[1, 1, 1], [2, 2, 2]]
+    recipe = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"]), plan)  # >= 16 latent positions per axis
+    assert total_stride(recipe["latent_strides"]) == [2, 16, 16] and recipe["latent_size"] == [16, 16, 16]
     m = LDSeg(NNUNET_3D_ANISO, 1, 2, settings)
     assert m.latent_strides == settings["latent_strides"]
     assert METHODS["ldseg"] is LDSeg and LDSeg.plans_name == "LDSegPlans" and LDSeg.probabilities == "categorical"
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_paper_plus_the_recipe():
     d = DEFAULT_DIFFUSION["ldseg"]
-    assert (d["schedule"], d["timesteps"], d["prediction"], d["sampling_steps"]) == ("cosine", 1000, "eps", 2)
+    assert (d["schedule"], d["timesteps"], d["sampling_steps"]) == ("cosine", 1000, 2)
     assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
+    # the recipe's departures (documentation/ldseg.md); a module built without them is the paper's
+    assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", True, 1.0)
+    paper = _model(ARCH_2D_TINY, (16, 16))
+    assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
+    assert isinstance(paper.label_encoder.standardize, LatentStandardize)
+    recipe_paper = {**d, **d["paper_recipe"]}  # what recipe "paper" writes
+    plan = {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}}
+    m = LDSeg(NNUNET_2D, 1, 3, LDSeg.configure_plans(recipe_paper, plan))
+    assert (m.process.prediction, m.latent_stop_gradient, m.w_ae, total_stride(m.latent_strides)) == (
+        "eps", False, 0.0, [16, 16])
 
 
 # -- networks --------------------------------------------------------------------------------------------------------
@@ -273,7 +286,8 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     section = cfg["diffusion"]
     assert section["method"] == "ldseg" and section["sampling_steps"] == 2
     assert section["multiclass"] == "categorical"  # resolved from dataset.json: exclusive labels -> softmax
-    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"])[0]
+    assert section["latent_strides"] == latent_layout(cfg["architecture"]["arch_kwargs"], cfg["patch_size"],
+                                                      section["latent_downsampling"], section["min_latent_size"])[0]
     factor = total_stride(section["latent_strides"])
     assert all(p % f == 0 and p // f >= 2 for p, f in zip(cfg["patch_size"], factor))
     train.main([str(IDS[dim]), "LDSegTrainer", "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
@@ -302,3 +316,89 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
         probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
         assert probs.shape[0] == 3
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
+
+
+# -- recipe switches (documentation/ldseg.md, "Why LDSeg lagged") ----------------------------------------------------
+def _cosine_alpha_bar(t: int, T: int = 1000, s: float = 0.008) -> float:
+    """abar_t of Nichol & Dhariwal's cosine schedule with betas clipped at 0.999 (only the last one is)."""
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    out = 1.0
+    for i in range(t + 1):
+        out *= 1 - min(1 - f(i + 1) / f(i), 0.999)
+    return out
+
+
+def test_x0_gain_at_the_last_step_eps_vs_x0_prediction(arch, spatial):
+    """eps-prediction turns an output error delta into an x0 error delta * sqrt(1-abar)/sqrt(abar) (~2e4 at
+    t = 999); x0-prediction passes it through with gain 1."""
+    z_t = torch.zeros(1, 4, *[2] * len(spatial))
+    delta = torch.full_like(z_t, 1e-4)
+    t = torch.tensor([999])
+    ab = _cosine_alpha_bar(999)
+    gain = math.sqrt(1 - ab) / math.sqrt(ab)
+    assert 1.5e4 < gain < 3e4
+    eps_model, x0_model = _model(arch, spatial), _model(arch, spatial, prediction="x0")
+    assert eps_model.estimate_x0(delta, z_t, t).abs().max().item() == pytest.approx(min(gain * 1e-4, 5.0), rel=1e-3)
+    torch.testing.assert_close(x0_model.estimate_x0(delta, z_t, t), delta)
+    with pytest.raises(ValueError, match="prediction 'v'"):
+        _model(arch, spatial, prediction="v")
+
+
+@pytest.mark.parametrize("variant", ["paper", "x0"])
+def test_training_loss_with_x0_prediction(arch, spatial, variant):
+    m = _model(arch, spatial, prediction="x0", denoised_latent=variant,
+               loss_weights={"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.5})
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    terms = m.training_loss(image, x0, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    z_l, z_i = m.encode_label(x0), m.encode_image(image)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.randn(z_l.shape, generator=g)
+    ab = torch.tensor([_cosine_alpha_bar(int(v)) for v in t]).float().reshape(2, *[1] * (z_l.ndim - 1))
+    z_t = ab.sqrt() * z_l + (1 - ab).sqrt() * eps  # Eq. 11
+    x0_hat = m.denoiser(torch.cat([z_t, z_i], 1), t)  # the denoiser outputs the clean latent
+    eps_hat = (z_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+    z_dn = z_t - eps_hat if variant == "paper" else x0_hat.clamp(-5, 5)
+
+    def seg(logits):
+        p = torch.softmax(logits, 1)
+        axes = [0] + list(range(2, p.ndim))
+        return (-(x0 * torch.log(p)).sum(1).mean()
+                + 2 * (1 - (2 * (p * x0).sum(axes) / (p.sum(axes) + x0.sum(axes))).mean()))
+
+    mse = ((x0_hat - z_l) ** 2).mean()  # Eq. 17 with the clean latent as the target
+    ae = seg(m.label_decoder(z_l))  # the auxiliary term: decode the clean label latent
+    ref = seg(m.label_decoder(z_dn)) + mse + 0.5 * ae
+    for key, value in (("mse", mse), ("autoencoder", ae), ("loss", ref)):
+        torch.testing.assert_close(terms[key], value, rtol=2e-4, atol=1e-4, msg=key)
+    assert "autoencoder" not in _model(arch, spatial).training_loss(image, x0)  # off by default (the paper)
+
+
+def test_latent_norm_variants(arch, spatial):
+    x0 = _onehot(spatial, batch=3)
+    batch = _model(arch, spatial, latent_norm="batch").train()
+    z = batch.encode_label(x0)
+    axes = [0] + list(range(2, z.ndim))
+    torch.testing.assert_close(z.mean(axes), torch.zeros(4), atol=1e-5, rtol=0)  # over batch and positions
+    torch.testing.assert_close(z.var(axes, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    raw = _model(arch, spatial, latent_norm="none")
+    torch.testing.assert_close(raw.encode_label(x0), raw.label_encoder.out(raw.label_encoder.stages(x0)))
+    with pytest.raises(ValueError, match="latent_norm 'tanh'"):
+        _model(arch, spatial, latent_norm="tanh")
+
+
+def test_latent_downsampling_key_sets_the_latent_size():
+    plan = {"patch_size": [32, 256, 256], "architecture": {"arch_kwargs": NNUNET_3D_ANISO}}
+    settings = LDSeg.configure_plans(dict(DEFAULT_DIFFUSION["ldseg"], latent_downsampling=4), plan)
+    assert total_stride(settings["latent_strides"]) == [2, 4, 4] and settings["latent_size"] == [16, 64, 64]
+
+
+def test_min_latent_size_key_keeps_small_patches_from_collapsing_to_a_few_latent_cells():
+    recipe = dict(DEFAULT_DIFFUSION["ldseg"])
+    small = LDSeg.configure_plans(dict(recipe), {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert total_stride(small["latent_strides"]) == [4, 4] and small["latent_size"] == [20, 20]  # 8x would leave 10
+    paper = LDSeg.configure_plans(dict(recipe, min_latent_size=2),
+                                  {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert paper["latent_size"] == [5, 5]
+    big = LDSeg.configure_plans(dict(recipe), {"patch_size": [256, 256], "architecture": {"arch_kwargs": NNUNET_2D}})
+    assert big["latent_size"] == [16, 16]  # large patches keep the paper's 16x

@@ -11,6 +11,8 @@ from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
 from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet
 from diffnnunet.networks.latent import (
+    LATENT_DOWNSAMPLING,
+    MIN_LATENT_SIZE,
     ImageEncoder,
     LabelDecoder,
     LabelEncoder,
@@ -22,8 +24,13 @@ from diffnnunet.networks.time_unet import _common_kwargs, conv_op_dim, resolve_a
 from diffnnunet.processes import GaussianProcess
 
 DENOISED_LATENTS = ("paper", "x0")
+#: what the latent denoiser outputs: eps (the paper, Eq. 17) or the clean latent x0 (well conditioned at t ~ T)
+PREDICTIONS = ("eps", "x0")
 #: decoder output: softmax over the N channels (exclusive labels) or a sigmoid per channel (nnU-Net regions)
 MULTICLASS_MODES = ("categorical", "per_channel")
+#: the recipe's smallest latent size per axis (where the patch allows): the paper's latents are 8-48 per axis, a
+#: 16x downsampling of an 80-voxel patch leaves 5 and the label auto-encoder cannot represent thin structures
+RECIPE_MIN_LATENT_SIZE = 16
 
 
 def ce_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -72,10 +79,15 @@ class LDSeg(DiffusionMethod):
         denoiser_strides = [list(s) for s in diffusion.get("denoiser_strides") or fallback_denoiser]
         self.latent_channels = int(diffusion.get("latent_channels", 4))
         self.num_classes = num_classes
+        prediction = diffusion.get("prediction", "eps")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction '{prediction}' (known for ldseg: {', '.join(PREDICTIONS)})")
         self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "cosine"),
-                                       prediction="eps")
+                                       prediction=prediction)
         weights = diffusion.get("loss_weights", {"ce": 1.0, "dice": 2.0, "mse": 1.0})
         self.w_ce, self.gamma, self.lam = weights.get("ce", 1.0), weights.get("dice", 2.0), weights.get("mse", 1.0)
+        self.w_ae = float(weights.get("autoencoder", 0.0))
+        self.latent_stop_gradient = bool(diffusion.get("latent_stop_gradient", False))
         self.denoised_latent = diffusion.get("denoised_latent", "x0")
         if self.denoised_latent not in DENOISED_LATENTS:
             raise ValueError(f"denoised_latent '{self.denoised_latent}' (known: {', '.join(DENOISED_LATENTS)})")
@@ -87,7 +99,8 @@ class LDSeg(DiffusionMethod):
             raise ValueError(f"multiclass '{multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)})")
         self.default_steps = int(diffusion.get("sampling_steps", 2))
         cl = self.latent_channels
-        self.label_encoder = LabelEncoder(arch_kwargs, num_classes, cl, self.latent_strides)
+        self.label_encoder = LabelEncoder(arch_kwargs, num_classes, cl, self.latent_strides,
+                                          diffusion.get("latent_norm", "instance"))
         self.image_encoder = ImageEncoder(arch_kwargs, input_channels, cl, self.latent_strides)
         self.label_decoder = LabelDecoder(arch_kwargs, num_classes, cl, self.latent_strides)
         self.denoiser = TimeUNet(2 * cl, cl, **self.denoiser_arch(arch_kwargs, len(self.latent_strides),
@@ -111,7 +124,9 @@ class LDSeg(DiffusionMethod):
     def configure_plans(cls, settings: dict, plan: dict) -> dict:
         """Store the latent downsampling chosen from the plan's strides and patch (:func:`latent_layout`)."""
         arch, patch = plan["architecture"]["arch_kwargs"], [int(p) for p in plan["patch_size"]]
-        latent_strides, denoiser_strides = latent_layout(arch, patch)
+        target = int(settings.get("latent_downsampling", LATENT_DOWNSAMPLING))
+        min_size = int(settings.get("min_latent_size", MIN_LATENT_SIZE))
+        latent_strides, denoiser_strides = latent_layout(arch, patch, target, min_size)
         settings["latent_strides"], settings["denoiser_strides"] = latent_strides, denoiser_strides
         settings["latent_size"] = [p // s for p, s in zip(patch, total_stride(latent_strides))]
         return settings
@@ -120,7 +135,7 @@ class LDSeg(DiffusionMethod):
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
         """VRAM proxy for the planner: elements of every conv / transposed-conv / attention output of one training
         forward (both encoders, denoiser, decoder) for one sample, counted with shape-only (meta) tensors."""
-        latent_strides, denoiser_strides = latent_layout(arch_kwargs, patch_size)
+        latent_strides, denoiser_strides = latent_layout(arch_kwargs, patch_size, min_size=RECIPE_MIN_LATENT_SIZE)
         settings = {"latent_strides": latent_strides, "denoiser_strides": denoiser_strides, "timesteps": 2}
         with torch.device("meta"):
             m = LDSeg(arch_kwargs, input_channels, num_classes, settings)
@@ -150,7 +165,8 @@ class LDSeg(DiffusionMethod):
         return self.label_encoder(x0)
 
     def predict_noise(self, z_t: torch.Tensor, z_i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps_hat = f_denoiser(z_l(t), z_i, t) on concat(z_t, z_i) (Eqs. 12, 17): ``(B, C_l, *latent)``."""
+        """f_denoiser(z_l(t), z_i, t) on concat(z_t, z_i): eps_hat (Eqs. 12, 17; ``prediction: eps``) or the clean
+        latent (``prediction: x0``), ``(B, C_l, *latent)``."""
         return self.denoiser(torch.cat([z_t, z_i.to(z_t.dtype)], dim=1), t)
 
     def step_modules(self) -> list:
@@ -166,17 +182,24 @@ class LDSeg(DiffusionMethod):
         logits = logits.float()
         return torch.softmax(logits, 1) if self.probabilities == "categorical" else torch.sigmoid(logits)
 
-    def estimate_x0(self, eps_hat: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0 = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), clipped to +-x0_clip (the latent is standardised;
-        1/sqrt(abar_t) reaches 2e4 at t = T-1 of the cosine schedule)."""
-        x0 = self.process.predict_x0(eps_hat.float(), z_t.float(), t)
+    def estimate_x0(self, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's x0 estimate, clipped to +-x0_clip (the latent is standardised). For eps-prediction
+        x0 = (z_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t), whose gain 1/sqrt(abar_t) reaches 2e4 at t = T-1 of
+        the cosine schedule; for x0-prediction it is the output itself."""
+        x0 = self.process.predict_x0(output.float(), z_t.float(), t)
         return x0.clamp(-self.x0_clip, self.x0_clip).to(z_t.dtype)
 
-    def denoise(self, z_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(self, z_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_dn: ``paper`` z_t - eps_hat (Eq. 12) or ``x0`` the proper x0 estimate (:meth:`estimate_x0`)."""
         if self.denoised_latent == "paper":
+            eps_hat = output if self.process.prediction == "eps" else self.process.predict_eps(output, z_t, t)
             return z_t - eps_hat
-        return self.estimate_x0(eps_hat, z_t, t)
+        return self.estimate_x0(output, z_t, t)
+
+    def segmentation_loss(self, logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None):
+        """(L_CE, L_DSC) of Eqs. 14-15 on decoder logits ``(B, N, *sp)`` against one-hot ``x0``."""
+        ce = ce_loss(logits, x0, mask) if self.probabilities == "categorical" else bce_loss(logits, x0, mask)
+        return ce, soft_dice_loss(self.to_probabilities(logits), x0, mask)
 
     # -- interface ---------------------------------------------------------------------------------------------
     def network_forward(self, image: torch.Tensor, steps: int | None = None) -> torch.Tensor:
@@ -214,14 +237,19 @@ class LDSeg(DiffusionMethod):
         t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
-        z_t = self.process.q_sample(z_l, t, noise)
-        eps_hat = self.predict_noise(z_t, z_i, t)
-        logits = self.decode(self.denoise(z_t, eps_hat.float(), t))
-        ce = ce_loss(logits, x0, mask) if self.probabilities == "categorical" else bce_loss(logits, x0, mask)
-        dice = soft_dice_loss(self.to_probabilities(logits), x0, mask)
-        mse = masked_mean((eps_hat.float() - noise) ** 2, latent_mask(mask, z_l.shape[2:]))
+        z_d = z_l.detach() if self.latent_stop_gradient else z_l  # what the diffusion branch sees of z_l(0)
+        z_t = self.process.q_sample(z_d, t, noise)
+        output = self.predict_noise(z_t, z_i, t).float()
+        ce, dice = self.segmentation_loss(self.decode(self.denoise(z_t, output, t)), x0, mask)
+        target = self.process.training_target(z_d.float(), noise.float(), t)
+        mse = masked_mean((output - target) ** 2, latent_mask(mask, z_l.shape[2:]))
         loss = self.w_ce * ce + self.gamma * dice + self.lam * mse
-        return {"loss": loss, "ce": ce.detach(), "dice": dice.detach(), "mse": mse.detach()}
+        terms = {"ce": ce.detach(), "dice": dice.detach(), "mse": mse.detach()}
+        if self.w_ae > 0:  # auxiliary: the decoder also reconstructs the clean label latent
+            ae_ce, ae_dice = self.segmentation_loss(self.decode(z_l), x0, mask)
+            ae = self.w_ce * ae_ce + self.gamma * ae_dice
+            loss, terms["autoencoder"] = loss + self.w_ae * ae, ae.detach()
+        return {"loss": loss, **terms}
 
     def _ddim(self, z: torch.Tensor, z_i: torch.Tensor, timesteps: list, generator) -> torch.Tensor:
         """Algorithm 2 with DDIM (Song et al. Eq. 12): z_T -> z_0 conditioned on z_i, ``(B, C_l, *latent)``."""

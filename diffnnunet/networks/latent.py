@@ -139,12 +139,25 @@ class _LatentEncoder(nn.Module):
         return self.out(self.stages(x))
 
 
-class LabelEncoder(_LatentEncoder):
-    """f_label-enc (Eq. 10): one-hot labels ``(B, N, *spatial)`` -> standardised z_l(0) ``(B, C_l, *latent)``."""
+#: how the label encoder standardises its latent: per sample (the paper's reading), over the batch, or not at all
+LATENT_NORMS = ("instance", "batch", "none")
 
-    def __init__(self, arch_kwargs: dict, num_classes: int, latent_channels: int, latent_strides):
+
+class LabelEncoder(_LatentEncoder):
+    """f_label-enc (Eq. 10): one-hot labels ``(B, N, *spatial)`` -> standardised z_l(0) ``(B, C_l, *latent)``.
+
+    ``latent_norm``: ``instance`` (:class:`LatentStandardize`, per sample and channel), ``batch`` (non-affine batch
+    normalisation: batch statistics in training, running statistics in eval) or ``none``."""
+
+    def __init__(self, arch_kwargs: dict, num_classes: int, latent_channels: int, latent_strides,
+                 latent_norm: str = "instance"):
         super().__init__(arch_kwargs, num_classes, latent_channels, latent_strides)
-        self.standardize = LatentStandardize()
+        if latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm '{latent_norm}' (known: {', '.join(LATENT_NORMS)})")
+        dim = conv_op_dim(resolve_arch_kwargs({"conv_op": arch_kwargs["conv_op"]})["conv_op"])
+        batch_norm = getattr(nn, f"BatchNorm{dim}d")
+        self.standardize = {"instance": LatentStandardize, "none": nn.Identity,
+                            "batch": lambda: batch_norm(latent_channels, affine=False)}[latent_norm]()
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         return self.standardize(super().forward(x0))

@@ -8,6 +8,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from diffnnunet.methods import METHODS
+from diffnnunet.methods.ldseg import RECIPE_MIN_LATENT_SIZE
 from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
 
 #: per-method defaults, from the papers (Diff-UNet: T=1000, linear 1e-4..0.02, x0, DDIM 10 steps, S=4, SUF)
@@ -41,13 +42,19 @@ DEFAULT_DIFFUSION = {
     # downsampling (latent_strides, denoiser_strides) is added per configuration by LDSeg.configure_plans;
     # multiclass "auto" becomes "categorical" (softmax decoder, the paper) or "per_channel" (sigmoids) for regions.
     "ldseg": {
-        "method": "ldseg", "process": "gaussian", "prediction": "eps", "timesteps": 1000, "schedule": "cosine",
+        "method": "ldseg", "process": "gaussian", "timesteps": 1000, "schedule": "cosine",
         "eta": 0.0, "sampling_steps": 2, "samples_per_step": 4, "latent_channels": 4,
         "denoised_latent": "x0", "x0_clip": 5.0, "multiclass": "auto", "uncertainty": "entropy",
-        "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0},
+        # the recipe (documentation/ldseg.md, "Why LDSeg lagged"); the paper's values are in paper_recipe
+        "prediction": "x0", "latent_norm": "instance", "latent_stop_gradient": True,
+        "latent_downsampling": 16, "min_latent_size": RECIPE_MIN_LATENT_SIZE,
+        "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 1.0},
         "validation_sampling_steps": 2, "validation_samples": 1,
+        # recipe "paper" (training_recipe writes these keys over the ones above): the paper's LDSeg
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5,
-                                       "warmup_fraction": 0.1}},
+                                       "warmup_fraction": 0.1},
+                         "prediction": "eps", "latent_stop_gradient": False, "min_latent_size": 2,
+                         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0}},
         "seed": 12345,
     },
     # cDAL (Hejrati et al. 2024): x0-prediction, T=2 (CXR, Hippocampus; T=4 for MoNuSeg), the few-step
