@@ -34,7 +34,8 @@ def test_registration_and_defaults():
     assert METHODS["berdiff"] is BerDiff and BerDiff.plans_name == "BerDiffPlans"
     assert default_plans_for(TRAINERS["BerDiffTrainer"]) == "BerDiffPlans"
     d = DEFAULT_DIFFUSION["berdiff"]
-    assert (d["timesteps"], d["schedule"], d["bce_weight"], d["optimizer"]["name"]) == (1000, "linear", 1.0, "AdamW")
+    assert (d["timesteps"], d["schedule"], d["bce_weight"]) == (1000, "linear", 1.0)
+    assert d["paper_recipe"]["optimizer"]["initial_lr"] == 1e-4  # BRATS: AdamW 1e-4 (recipe "paper")
 
 
 def test_loss_terms_shapes_and_gradients(arch, spatial):

@@ -107,7 +107,8 @@ class DiffusionPredictor(nnUNetPredictor):
             self.network = self.network.module
         if isinstance(self.network, OptimizedModule):
             self.network = self.network._orig_mod
-        if hasattr(self.network, "exclusive_labels"):  # regions: independent sigmoids, no one-hot constraint
+        settable = not isinstance(getattr(type(self.network), "exclusive_labels", None), property)
+        if hasattr(self.network, "exclusive_labels") and settable:  # regions: independent sigmoids, no one-hot
             self.network.exclusive_labels = not self.label_manager.has_regions
         if self.compile_steps:
             for module in self.network.step_modules():

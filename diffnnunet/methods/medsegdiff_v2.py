@@ -112,7 +112,13 @@ class MedSegDiffV2(DiffusionMethod):
 
     @property
     def exclusive_labels(self) -> bool:
+        """Mutually exclusive labels (one-hot with background) or regions: fixed by the plans' ``multiclass``."""
         return self.multiclass == "categorical"
+
+    @property
+    def categorical_chains(self) -> bool:
+        """The map's chains are odds-normalised class probabilities for exclusive labels (see :meth:`sample`)."""
+        return self.exclusive_labels
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size,
