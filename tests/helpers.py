@@ -1,4 +1,5 @@
 """Shared by the end-to-end CLI tests: temporary nnU-Net folders with planned synthetic datasets."""
+import importlib.util
 import json
 import os
 
@@ -51,3 +52,12 @@ def image_geometry(path):
     """(size, spacing, origin, direction) of an image file."""
     img = sitk.ReadImage(path)
     return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location("bench_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

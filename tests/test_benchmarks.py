@@ -1,22 +1,12 @@
 """The benchmark's naive mode must compute what the fast sampler computes, or its speed-up means nothing."""
-import importlib.util
-import os
-
 import torch
 
 from diffnnunet.methods import DiffUNet
-
-
-def _load_inference_benchmark():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "inference.py")
-    spec = importlib.util.spec_from_file_location("bench_inference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_naive_diff_unet_sampler_matches_the_batched_one(arch, spatial):
-    bench = _load_inference_benchmark()
+    bench = load_benchmark("inference")
     torch.manual_seed(0)
     method = DiffUNet(arch, 2, 3, {"timesteps": 1000}).eval()
     image = torch.randn(1, 2, *spatial)

@@ -1,20 +1,11 @@
 """benchmarks/quality.py's bookkeeping: the --set overrides and the worst-gap lines it prints."""
-import importlib.util
-import os
-
 import pytest
 
-
-def _load():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality.py")
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_overrides_reach_into_sections():
-    q = _load()
+    q = load_benchmark("quality")
     over = q.parse_overrides(["ema.enabled=false", "optimizer.initial_lr=1e-4", "uncertainty=entropy"])
     assert over == {"ema": {"enabled": False}, "optimizer": {"initial_lr": 1e-4}, "uncertainty": "entropy"}
     section = {"ema": {"enabled": True, "horizon_fraction": 0.1}, "optimizer": {"name": "AdamW", "initial_lr": 1e-3}}
@@ -25,7 +16,7 @@ def test_overrides_reach_into_sections():
 
 
 def test_worst_gap_and_ece_ratio_over_trainers_and_budgets():
-    q = _load()
+    q = load_benchmark("quality")
 
     def run(trainer, budget, seed, dice, ece):
         return {"trainer": trainer, "budget": budget, "seed": seed, "Dice": dice, "HD95": 1.0, "NSD": 0.9,
