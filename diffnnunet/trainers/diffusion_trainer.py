@@ -182,7 +182,7 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
             ckpt = load_checkpoint_safely(ckpt, map_location=self.device)
         weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
         self.method.load_state_dict(weights)
-        self._restore_ema(ckpt)  # raw weights back into the method, the stored (EMA) ones into the EMA
+        self._restore_ema(weights, ckpt)  # raw weights back into the method, the stored (EMA) ones into the EMA
         self.my_init_kwargs = ckpt["init_args"]
         self.current_epoch = ckpt["current_epoch"]
         self.logger.load_checkpoint(ckpt["logging"])

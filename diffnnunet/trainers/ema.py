@@ -149,12 +149,12 @@ class EMAMixin:
             with checkpointing.extra_checkpoint_entries(extra):
                 return super().save_checkpoint(filename)
 
-    def _restore_ema(self, ckpt: dict) -> None:
-        """After the trainer loaded ``ckpt['network_weights']`` into the method: put the raw weights back for
-        training and keep the stored ones as the EMA (a checkpoint without EMA starts it from its weights)."""
+    def _restore_ema(self, stored: dict, ckpt: dict) -> None:
+        """After the trainer loaded ``stored`` (``ckpt['network_weights']`` without DDP prefixes) into the method:
+        put the raw weights back for training and keep the stored ones as the EMA (a checkpoint without EMA starts
+        it from its weights)."""
         if self.ema is None:
             return
-        stored = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
         raw = ckpt.get("raw_network_weights")
         if raw is not None:
             self.method.load_state_dict(raw)
