@@ -82,12 +82,14 @@ def _gather(x: torch.Tensor) -> list:
 def _train_steps(kind, module, rank: int, steps: int = 3) -> torch.Tensor:
     """The trainer's own ``train_step`` on a stand-in trainer, different batches and global RNG on every rank."""
     from diffnnunet.trainers import TRAINERS
+    from diffnnunet.trainers.optimizers import MultiOptimizerMixin
     torch.manual_seed(100 + rank)  # different timesteps/noise per rank, as in a real run
     fake = SimpleNamespace(device=torch.device("cpu"), network=module, grad_scaler=None, _autocast=nullcontext,
                            optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2),
                            _encode=lambda target: (target, None), loss=lambda out, target: _ce(out, target),
                            step_extra_optimizers=lambda *args: {},  # no extra networks (see test_cdal.py)
                            update_ema=lambda: None)  # no EMA here (tests/test_recipe.py)
+    fake.optimizer_step = MultiOptimizerMixin.optimizer_step.__get__(fake)
     for step in range(steps):
         image, labels, x0, _, _ = _batch(1000 * rank + step, HALF)
         TRAINERS[kind].train_step(fake, {"data": image, "target": x0 if kind == "DiffUNetTrainer" else labels})

@@ -115,17 +115,7 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():  # through the (DDP-wrapped) network's forward: gradients are all-reduced under DDP
             terms = self.network(data, x0, mask, mode="loss")
-        loss = terms["loss"]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.optimizer_step(terms["loss"], self.optimizer, self.grad_scaler, self.network.parameters())
         self.update_ema()
         return {k: v.detach().float().cpu().numpy() for k, v in {**extra_terms, **terms}.items()}
 
