@@ -131,7 +131,7 @@ def test_staple_matches_simpleitk():
 # -- loss and sampler ------------------------------------------------------------------------------------------------
 def test_anchor_loss_only_where_t_is_on_the_alpha_grid(arch, spatial):
     """Eq. 3: L = MSE(eps, eps_theta) + (1/B) sum_b [t_b % 5 == 0] (Dice + 10 CE) of the Condition Model."""
-    m = _model(arch).train()
+    m = _model(arch, prediction="eps").train()
     image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
     noise = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1))
     seen = {}
@@ -154,7 +154,7 @@ def test_anchor_loss_only_where_t_is_on_the_alpha_grid(arch, spatial):
 def test_one_step_sample_by_hand(arch, spatial):
     """1 step, 1 sample, fusion 'mean': p = (clip(x0_hat, -1, 1) + 1) / 2 with x0_hat = (x_T - sqrt(1 - abar)
     eps_theta) / sqrt(abar) at t = 999 of DDPM's linear schedule; STAPLE of one sample returns its decision."""
-    m = _model(arch, fusion="mean", u_sa=False)
+    m = _model(arch, fusion="mean", u_sa=False, prediction="eps")
     image = torch.randn(1, 2, *spatial)
     x_t = torch.randn((1, 3, *spatial), generator=torch.Generator().manual_seed(3))
     abar = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
@@ -168,10 +168,35 @@ def test_one_step_sample_by_hand(arch, spatial):
     torch.testing.assert_close(fused, onehot, atol=1e-3, rtol=0)
 
 
+def test_x0_prediction_loss_and_two_step_sample_by_hand(arch, spatial):
+    """The default recipe's x0-prediction: L_n = ||(2 x0 - 1) - x0_theta||^2 off the anchor grid; two DDIM steps
+    (t = 999 -> 0 -> x_0) by hand: x_0' = sqrt(abar_0) x0_hat + sqrt(1 - abar_0) (x_T - sqrt(abar_999) x0_hat) /
+    sqrt(1 - abar_999), then p = (clip(x0_theta(x_0', 0), -1, 1) + 1) / 2."""
+    m = _model(arch, fusion="mean", prediction="x0")
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    noise = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1))
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    t = torch.tensor([3, 999])
+    x_t = torch.stack([math.sqrt(abar[k]) * (2 * x0[i] - 1) + math.sqrt(1 - abar[k]) * noise[i]
+                       for i, k in enumerate(t.tolist())])
+    out = m(image, x_t, t)
+    loss = m.training_loss(image, x0, t=t, noise=noise)["loss"]
+    torch.testing.assert_close(loss, ((out - (2 * x0 - 1)) ** 2).mean(), rtol=1e-5, atol=1e-6)
+    image = image[:1]
+    x_T = torch.randn((1, 3, *spatial), generator=torch.Generator().manual_seed(3))
+    x0_hat = m(image, x_T, torch.tensor([999])).clamp(-1, 1)
+    eps_hat = (x_T - math.sqrt(abar[999]) * x0_hat) / math.sqrt(1 - abar[999])
+    x_1 = math.sqrt(abar[0]) * x0_hat + math.sqrt(1 - abar[0]) * eps_hat
+    expected = (m(image, x_1, torch.tensor([0])).clamp(-1, 1) + 1) / 2
+    got = m.sample(image, steps=2, samples=1, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_seeded_sampler_regression(arch, spatial, dim):
     """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map (the SS-Former's
-    zero-initialised output projection is filled so that its path is pinned too)."""
-    m = _model(arch)
+    zero-initialised output projection is filled so that its path is pinned too); the paper's eps-prediction."""
+    m = _model(arch, prediction="eps")
     with torch.no_grad():
         m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
                                                  generator=torch.Generator().manual_seed(7)))

@@ -66,7 +66,8 @@ class USA(nn.Module):
 
 class MedSegDiffV2(DiffusionMethod):
     """Condition Model C(I) -> (anchor logits, last decoder feature f_c, bottleneck c); Diffusion Model
-    eps_theta(cat(I, x_t), t) with U-SA(f_c) on its first encoder stage and SS-Former(e, c, t) at its bottleneck.
+    eps_theta(cat(I, x_t), t) (x0_theta under plans ``prediction: x0``) with U-SA(f_c) on its first encoder stage
+    and SS-Former(e, c, t) at its bottleneck.
 
     Args:
         arch_kwargs: the configuration's ``architecture.arch_kwargs`` (the topology of both U-Nets).
@@ -88,7 +89,7 @@ class MedSegDiffV2(DiffusionMethod):
         self.num_classes = int(num_classes)
         self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
                                        diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
-                                       prediction="eps")
+                                       prediction=diffusion.get("prediction", "eps"))
         self.alpha = int(diffusion.get("anchor_alpha", 5))
         self.beta = float(diffusion.get("anchor_beta", 10.0))
         self.eta = float(diffusion.get("eta", 0.0))
@@ -193,15 +194,17 @@ class MedSegDiffV2(DiffusionMethod):
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """Eq. 3 averaged over the batch: L = mean_b ||eps - eps_theta||^2 + (1/B) sum_b [t_b = 0 mod alpha]
         (L_dice + beta L_ce), the anchor terms computed on the samples whose t is on the alpha grid. ``x0`` in
-        {0, 1} ``(B, N, *sp)``; the diffusion runs on 2 x0 - 1."""
+        {0, 1} ``(B, N, *sp)``; the diffusion runs on 2 x0 - 1. With ``prediction: x0`` (the default recipe) the
+        Diffusion Model regresses x_0 instead: L_n = ||x_0 - x0_theta||^2."""
         x0_scaled = 2 * x0 - 1
         t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.process.q_sample(x0_scaled, t, noise)
         logits, f_c, c = self.condition_forward(image)
-        eps_hat = self(image, x_t, t, (f_c, c))
-        mse = masked_mean((eps_hat.float() - noise) ** 2, mask)
+        out = self(image, x_t, t, (f_c, c))
+        target = self.process.training_target(x0_scaled, noise, t)
+        mse = masked_mean((out.float() - target) ** 2, mask)
         on_grid = (t % self.alpha) == 0
         # no t on the grid: a zero-weighted term keeps the anchor head in the graph (DDP without unused parameters)
         dice = ce = 0.0 * logits.float().sum()
@@ -230,10 +233,11 @@ class MedSegDiffV2(DiffusionMethod):
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 5, generator: torch.Generator | None = None,
                chunk: int | None = None, return_uncertainty: bool = False, uncertainty: str = "entropy"):
-        """S DDIM chains (Song et al. Eq. 12 with x0 = (x_t - sqrt(1 - abar) eps_theta) / sqrt(abar), clipped to
-        [-1, 1]) on ``image`` ``(B, M, *sp)``, ``chunk`` chains per forward; the Condition Model runs once. Each
-        chain's final x0 gives p = (x0 + 1) / 2 and its binary decision (:meth:`binarize`); the S decisions are
-        fused by per-channel STAPLE (``fusion`` staple) or the p are averaged (``mean``). Returns ``(B, N, *sp)``;
+        """S DDIM chains (Song et al. Eq. 12 with x0 = (x_t - sqrt(1 - abar) eps_theta) / sqrt(abar), or x0_theta
+        itself under ``prediction: x0``, clipped to [-1, 1]) on ``image`` ``(B, M, *sp)``, ``chunk`` chains per
+        forward; the Condition Model runs once. Each chain's final x0 gives p = (x0 + 1) / 2 and its binary
+        decision (:meth:`binarize`); the S decisions are fused by per-channel STAPLE (``fusion`` staple) or the p
+        are averaged (``mean``). Returns ``(B, N, *sp)``;
         with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *sp)`` of the chains' p
         (:mod:`diffnnunet.methods.uncertainty`; class probabilities via :func:`odds_to_categorical` for
         exclusive labels)."""
@@ -251,8 +255,8 @@ class MedSegDiffV2(DiffusionMethod):
                             dtype=image.dtype)
             for i, t in enumerate(timesteps):
                 tt = torch.full((b * n,), t, device=image.device, dtype=torch.long)
-                eps = self(image_n, x, tt, cond).to(x.dtype)
-                x0_hat = self.process.predict_x0(eps, x, tt).clamp(-1, 1)
+                out = self(image_n, x, tt, cond).to(x.dtype)
+                x0_hat = self.process.predict_x0(out, x, tt).clamp(-1, 1)
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 x = self.process.step(x0_hat, x, t, t_prev, self.eta, generator)
             p = ((x0_hat.float() + 1) / 2).reshape(b, n, self.num_classes, *image.shape[2:])
