@@ -41,7 +41,7 @@ def test_registration_and_defaults():
 def test_loss_terms_shapes_and_gradients(arch, spatial):
     m = _model(arch).train()
     out = m.training_loss(torch.randn(2, 2, *spatial), _labels(3, spatial), generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss", "kl", "bce"} and out["loss"].ndim == 0
+    assert set(out) == {"loss", "kl", "bce", "dice"} and out["loss"].ndim == 0
     out["loss"].backward()
     assert all(p.grad is not None for p in m.network.parameters())
     assert m(torch.randn(1, 2, *spatial)).shape == (1, 3, *spatial)  # nnU-Net's bare network(x) call
@@ -71,6 +71,17 @@ def test_binary_labels_are_the_papers_bernoulli_loss(arch, spatial):
     bce = (bern.noise_nll(noise, logit) * mask).sum() / mask.sum()
     torch.testing.assert_close(got["kl"], kl, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(got["bce"], bce, atol=1e-6, rtol=1e-4)
+    # the recipe's Dice term (dice_weight 1) on y0_hat = |y_t - eps_hat| (Eq. 7), [bg, fg] = [1 - p, p], batch Dice
+    p_fg = (y_t - torch.sigmoid(logit)).abs()
+    probs = torch.cat([1 - p_fg, p_fg], 1) * mask
+    target = x0 * mask
+    axes = [0] + list(range(2, probs.ndim))
+    dice = 1 - ((2 * (probs * target).sum(axes) + 1e-5) / (probs.sum(axes) + target.sum(axes) + 1e-5)).mean()
+    torch.testing.assert_close(got["loss"], kl + bce + dice, atol=1e-6, rtol=1e-4)
+    paper = _model(arch, classes=2, dice_weight=0.0).training_loss(image, x0, mask,
+                                                                   generator=torch.Generator().manual_seed(1))
+    assert "dice" not in paper
+    torch.testing.assert_close(paper["loss"], kl + bce, atol=1e-6, rtol=1e-4)
 
 
 def test_label_and_region_modes(arch, spatial):

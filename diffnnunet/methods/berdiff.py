@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffnnunet.methods.base import DiffusionMethod, masked_mean
+from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
 from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics, parse_measure
 from diffnnunet.networks import TimeUNet
 from diffnnunet.processes import BernoulliProcess, CategoricalProcess
@@ -58,6 +58,7 @@ class BerDiff(DiffusionMethod):
             raise ValueError(f"unknown BerDiff sampler '{self.sampler}' (known: ddim, ddpm)")
         self.eta = float(diffusion.get("eta", 0.0))
         self.bce_weight = float(diffusion.get("bce_weight", 1.0))
+        self.dice_weight = float(diffusion.get("dice_weight", 0.0))
         self.network = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch_kwargs,
                                 time_embedding=True)
         per_channel = self.multiclass == "per_channel" or self.categorical is None
@@ -109,7 +110,9 @@ class BerDiff(DiffusionMethod):
     def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """Algorithm 1: L = L_KL (Eq. 8; the decoder NLL -log p(y_0 | y_1) at t = 1) + lambda L_BCE (Eq. 9), both
-        averaged over the voxels where ``mask`` is 1. ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}."""
+        averaged over the voxels where ``mask`` is 1, plus the recipe's ``dice_weight`` x the batch soft Dice loss of
+        the x0 estimate y0_hat = |y_t - eps_hat| (Eq. 7, step 1; 0 in the paper). ``image`` ``(B, M, *sp)``, ``x0``
+        ``(B, N, *sp)`` in {0, 1}."""
         self._observe_targets(x0)
         proc = self.process
         t = proc.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
@@ -122,7 +125,12 @@ class BerDiff(DiffusionMethod):
         first = expand_to(t == 0, kl) > 0
         kl = masked_mean(torch.where(first, proc.decoder_nll(x0, mu_hat), kl), mask)
         bce = masked_mean(proc.noise_nll(noise, logits), mask)
-        return {"loss": kl + self.bce_weight * bce, "kl": kl.detach(), "bce": bce.detach()}
+        out = {"loss": kl + self.bce_weight * bce, "kl": kl.detach(), "bce": bce.detach()}
+        if self.dice_weight:
+            dice = soft_dice_loss(proc.predict_x0(proc.noise_probs(logits), y_t).float(), x0, mask)
+            out["loss"] = out["loss"] + self.dice_weight * dice
+            out["dice"] = dice.detach()
+        return out
 
     @torch.no_grad()
     def sample(self, image, steps: int = 10, samples: int = 8, generator: torch.Generator | None = None,
