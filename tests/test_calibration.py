@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffnnunet.inference.calibration import calibrate, expected_calibration_error, fit_temperature, nll
+from diffnnunet.inference.calibration import GRID, calibrate, expected_calibration_error, fit_temperature, nll
 
 
 def test_nll_by_hand():
@@ -31,12 +31,36 @@ def _overconfident(n=40_000, classes=3, sharpen=3.0, seed=0):
 def test_fit_recovers_the_temperature_and_lowers_ece():
     z, y = _overconfident()
     result = calibrate([(z[:20_000], y[:20_000]), (z[20_000:], y[20_000:])], has_regions=False)
-    assert result["temperature"] == pytest.approx(3.0, rel=0.06)
+    assert result["temperature_nll"] == pytest.approx(3.0, rel=0.06)
+    assert result["temperature"] == pytest.approx(3.0, rel=0.15)  # the lowest-ECE candidate, near the NLL's
     assert result["ece_after"] < 0.5 * result["ece_before"]
     assert result["nll_after"] < result["nll_before"] and result["voxels"] == 40_000
     # an already calibrated model keeps T close to 1
     z1, y1 = _overconfident(sharpen=1.0, seed=1)
     assert fit_temperature(z1, y1, False) == pytest.approx(1.0, rel=0.06)
+
+
+def test_near_binary_probabilities_keep_the_lowest_ece_temperature():
+    """Hard exports (p in {0.001, 0.999}, 10% confidently wrong) and a calibrated bulk at p = 0.7: the NLL's T is
+    driven by the wrong hard voxels and raises the ECE; the chosen T is the grid's lowest-ECE one, never worse than
+    T = 1. By hand at T = 1: the hard voxels' bin has confidence 0.999 and accuracy 0.9, the bulk's 0.7 and 0.7,
+    each half of the voxels: ECE = 0.5 x 0.099 = 0.0495."""
+    rng = np.random.default_rng(3)
+    n = 20_000
+    hard_wrong = rng.uniform(size=n) < 0.1
+    y_hard = np.where(hard_wrong, 0, 1)
+    z_hard = np.stack([np.zeros(n), np.full(n, math.log(0.999 / 0.001))], 1)
+    y_bulk = (rng.uniform(size=n) < 0.7).astype(np.int64)
+    z_bulk = np.stack([np.zeros(n), np.full(n, math.log(0.7 / 0.3))], 1)
+    z, y = np.concatenate([z_hard, z_bulk]), np.concatenate([y_hard, y_bulk])
+    result = calibrate([(z, y)], has_regions=False)
+    accuracy_hard = 1 - hard_wrong.mean()
+    assert result["ece_before"] == pytest.approx(0.5 * (0.999 - accuracy_hard) + 0.5 * abs(0.7 - y_bulk.mean()),
+                                                 abs=1e-9)
+    assert expected_calibration_error(z, y, result["temperature_nll"], False) > result["ece_after"]
+    assert result["ece_after"] <= result["ece_before"]
+    grid_best = min(expected_calibration_error(z, y, t, False) for t in GRID)
+    assert result["ece_after"] == pytest.approx(grid_best, abs=1e-12)
 
 
 def test_fit_on_regions():
