@@ -107,7 +107,7 @@ def test_label_and_region_modes(arch, spatial):
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sample_shapes_samples_and_uncertainty(arch, spatial, sampler):
-    m = _model(arch, sampler=sampler)
+    m = _model(arch, sampler=sampler, saliency="samples")
     calls = []
     m.network.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     probs, unc = m.sample(torch.randn(2, 2, *spatial), steps=3, samples=5, chunk=2,
@@ -120,6 +120,26 @@ def test_sample_shapes_samples_and_uncertainty(arch, spatial, sampler):
     torch.testing.assert_close(unc, 1 - probs.amax(1, keepdim=True))
 
 
+def test_expected_saliency_by_hand(arch, spatial):
+    """Regions (per-channel Bernoulli), 1 step: y_T ~ B(1/2), x0_hat = |y_T - sigmoid(logits)| (Eq. 7) and the
+    expected saliency is the mean of the S chains' x0_hat, the probability of their last draw y_0 ~ B(x0_hat); the
+    paper's saliency (same seed, same draws) is the mean of those draws, a frequency of S samples."""
+    m = _model(arch, multiclass="per_channel")
+    seen = []
+    m.network.register_forward_hook(lambda mod, inp, out: seen.append((inp[0][:, 2:].clone(), out.clone())))
+    image = torch.randn(1, 2, *spatial)
+    got = m.sample(image, steps=1, samples=3, chunk=1, generator=torch.Generator().manual_seed(4))
+    expected = sum((y - torch.sigmoid(logits)).abs() for y, logits in seen) / 3
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got * 3, (got * 3).round())  # continuous, not a frequency
+    m.saliency = "samples"
+    drawn = m.sample(image, steps=1, samples=3, chunk=1, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(drawn * 3, (drawn * 3).round())
+    assert (drawn - got).abs().max() < 1  # the same chains: every draw lies on the side its x0_hat allows
+    with pytest.raises(ValueError, match="saliency"):
+        _model(arch, saliency="majority")
+
+
 def test_disagreement_definition():
     freq = torch.tensor([[0.0, 0.25, 0.5], [1.0, 0.75, 0.5]]).reshape(1, 2, 3)  # two channels, three voxels
     torch.testing.assert_close(sample_disagreement(freq, per_channel=False), torch.tensor([[[0.0, 0.25, 0.5]]]))
@@ -128,17 +148,21 @@ def test_disagreement_definition():
     torch.testing.assert_close(sample_disagreement(regions, per_channel=True), torch.tensor([[[0.25]]]))
 
 
-def test_seeded_sampler_regression(arch, spatial, dim):
+@pytest.mark.parametrize("saliency", ["samples", "expected"])
+def test_seeded_sampler_regression(arch, spatial, dim, saliency):
     """Pinned numbers: a change in the process, the sampler or the draw order shows up here."""
-    m = _model(arch)
+    m = _model(arch, saliency=saliency)
     image = torch.linspace(-1, 1, 2 * int(np.prod(spatial))).reshape(1, 2, *spatial)
     probs, unc = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42),
                           return_uncertainty=True, uncertainty="disagreement")
     again = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42))
     torch.testing.assert_close(probs, again)
     got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
-    expected = {2: [0.3255, 0.306, 0.3789], 3: [0.3512, 0.3109, 0.375]}[dim]
-    assert got == expected
+    assert got == REGRESSION[saliency][dim]
+
+
+REGRESSION = {"samples": {2: [0.3255, 0.306, 0.3789], 3: [0.3512, 0.3109, 0.375]},
+              "expected": {2: [0.326, 0.3339, 0.5988], 3: [0.3476, 0.3224, 0.6054]}}
 
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from diffnnunet.utils import expand_to
 
 #: ``multiclass`` plans values: how the N label channels are diffused
 MULTICLASS_MODES = ("auto", "categorical", "per_channel")
+#: ``saliency`` plans values: the mean of the S binary samples (the paper) or of their expectations (Rao-Blackwell)
+SALIENCY = ("samples", "expected")
 
 
 def sample_disagreement(freq: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -59,6 +61,9 @@ class BerDiff(DiffusionMethod):
         self.eta = float(diffusion.get("eta", 0.0))
         self.bce_weight = float(diffusion.get("bce_weight", 1.0))
         self.dice_weight = float(diffusion.get("dice_weight", 0.0))
+        self.saliency = diffusion.get("saliency", "samples")
+        if self.saliency not in SALIENCY:
+            raise ValueError(f"unknown BerDiff saliency '{self.saliency}' (known: {', '.join(SALIENCY)})")
         self.network = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch_kwargs,
                                 time_embedding=True)
         per_channel = self.multiclass == "per_channel" or self.categorical is None
@@ -139,7 +144,10 @@ class BerDiff(DiffusionMethod):
         ``steps`` reverse steps on the respaced sub-sequence (``sampler`` ddim: Algorithm 2's DDIM update with
         ``eta``; ddpm: the posterior of Eq. 6/7). ``image``: ``(B, M, *spatial)``.
 
-        Returns the saliency map (the mean of the S binary / one-hot samples) ``(B, N, *spatial)``; with
+        Returns the saliency map ``(B, N, *spatial)``: the mean of the S binary / one-hot samples (``saliency``
+        samples, the paper), or of their expectations, the chains' last x0_hat (``expected``: the last step draws
+        y_0 ~ B(x0_hat), so this is the Rao-Blackwellised estimate of the same map, free of the final draw's
+        noise); with
         ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)``: one of
         :data:`~diffnnunet.methods.uncertainty.MEASURES` over the S chains' final x0 probabilities (continuous,
         where the binary draws would quantize the map to multiples of 1/S), or ``disagreement``, the fraction of
@@ -156,7 +164,7 @@ class BerDiff(DiffusionMethod):
         chunk = max(1, min(int(chunk or s), s))
         timesteps = proc.set_timesteps(steps)
         total = None
-        chains = ChainStatistics(categorical=not per_channel)
+        chains = ChainStatistics(categorical=not per_channel, spread=return_uncertainty)
         for start in range(0, s, chunk):
             n = min(chunk, s - start)
             image_n = image.repeat_interleave(n, 0)
@@ -171,9 +179,8 @@ class BerDiff(DiffusionMethod):
                     y = proc.step_ddpm(x0_hat, y, t, t_prev, generator)
             y_sum = y.reshape(b, n, *y.shape[1:]).sum(1)
             total = y_sum if total is None else total + y_sum
-            if return_uncertainty:
-                chains.add(x0_hat.reshape(b, n, *x0_hat.shape[1:]))
-        freq = total / s
+            chains.add(x0_hat.reshape(b, n, *x0_hat.shape[1:]))
+        freq = total / s if self.saliency == "samples" else chains.mean()
         if not return_uncertainty:
             return freq
         if uncertainty == "disagreement":
