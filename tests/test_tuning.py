@@ -23,6 +23,17 @@ def test_a_single_chain_with_a_poor_uncertainty_map_is_not_chosen():
     assert (chosen["steps"], chosen["samples"]) == (2, 2)
 
 
+def test_the_measured_diff_unet_grid_keeps_two_steps():
+    """The demo's Diff-UNet validation grid (Dice, ECE, AUROC of its mutual-information map, 4 slices): 1 x 4 is
+    within the Dice tolerance and 0.0085 below the best AUROC (2 x 4); on the test slices that gap was 0.106, so
+    the AUROC tolerance (0.005) must exclude it."""
+    rows = [_row(1, 2, 0.9013, 0.9079, 0.009), _row(1, 4, 0.902, 0.934, 0.0088), _row(2, 2, 0.9017, 0.9301, 0.0087),
+            _row(2, 4, 0.9031, 0.9425, 0.0087), _row(5, 4, 0.8996, 0.9363, 0.0066), _row(10, 4, 0.8986, 0.9322, 0.0065)]
+    chosen = choose_budget(rows, 0.005)
+    assert (chosen["steps"], chosen["samples"]) == (2, 4)
+    assert (choose_budget(rows, 0.005, auroc_tolerance=0.01)["steps"]) == 1
+
+
 def test_ece_condition_and_its_fallback():
     rows = [_row(1, 2, 0.90, 0.93, 0.08), _row(2, 2, 0.90, 0.93, 0.02), _row(5, 2, 0.90, 0.80, 0.01)]
     # the lowest ECE (0.01) belongs to a setting with a poor AUROC; within 0.01 of it: 2 x 2 (0.02)
