@@ -15,6 +15,8 @@ from diffnnunet.utils import expand_to
 MULTICLASS_MODES = ("auto", "categorical", "per_channel")
 #: ``saliency`` plans values: the mean of the S binary samples (the paper) or of their expectations (Rao-Blackwell)
 SALIENCY = ("samples", "expected")
+#: ``prediction`` plans values: what the network's logits parameterise
+PREDICTIONS = ("eps", "x0")
 
 
 def sample_disagreement(freq: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -61,6 +63,9 @@ class BerDiff(DiffusionMethod):
         self.eta = float(diffusion.get("eta", 0.0))
         self.bce_weight = float(diffusion.get("bce_weight", 1.0))
         self.dice_weight = float(diffusion.get("dice_weight", 0.0))
+        self.prediction = diffusion.get("prediction", "eps")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown BerDiff prediction '{self.prediction}' (known: {', '.join(PREDICTIONS)})")
         self.saliency = diffusion.get("saliency", "samples")
         if self.saliency not in SALIENCY:
             raise ValueError(f"unknown BerDiff saliency '{self.saliency}' (known: {', '.join(SALIENCY)})")
@@ -101,6 +106,16 @@ class BerDiff(DiffusionMethod):
         t = torch.full((image.shape[0],), self.bernoulli.timesteps - 1, device=image.device, dtype=torch.long)
         return lambda: self(image, y, t)
 
+    def estimates(self, proc, logits: torch.Tensor, y_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) from the network's logits ``(B, N, *sp)`` at ``y_t``. ``prediction`` eps (the paper):
+        eps_hat = activation(logits), x0_hat = |y_t - eps_hat| (Eq. 7, step 1; the categorical shift). ``x0``: the
+        logits are those of y_0 itself and eps_hat = |y_t - x0_hat|; the map between the two is its own inverse, so
+        every equation is unchanged, but the network no longer has to learn the XOR of its input y_t with the label
+        (documentation/berdiff.md, "Recipe")."""
+        probs = proc.noise_probs(logits)
+        other = proc.predict_x0(probs, y_t)
+        return (probs, other) if self.prediction == "eps" else (other, probs)
+
     def _observe_targets(self, x0: torch.Tensor):
         """``auto``: the first target that is not one-hot switches to independent channels (regions)."""
         if bool(self.per_channel) or self.multiclass == "per_channel":
@@ -124,15 +139,17 @@ class BerDiff(DiffusionMethod):
         noise = proc.sample_noise(x0, t, generator) if noise is None else noise
         y_t = proc.q_sample(x0, t, noise)
         logits = self(image, y_t, t)
-        mu_hat = proc.calibrate(y_t, proc.noise_probs(logits), t)  # Eq. 7
+        eps_hat, x0_hat = self.estimates(proc, logits, y_t)
+        mu_hat = proc.calibrate(y_t, eps_hat, t)  # Eq. 7
         theta_post = proc.posterior(y_t, x0, t)  # Eq. 4
         kl = proc.kl(theta_post, mu_hat)
         first = expand_to(t == 0, kl) > 0
         kl = masked_mean(torch.where(first, proc.decoder_nll(x0, mu_hat), kl), mask)
-        bce = masked_mean(proc.noise_nll(noise, logits), mask)
+        # Eq. 9: BCE(eps_hat, eps); under x0-prediction it equals BCE(x0_hat, y_0) (the same permutation of both)
+        bce = masked_mean(proc.noise_nll(noise if self.prediction == "eps" else x0, logits), mask)
         out = {"loss": kl + self.bce_weight * bce, "kl": kl.detach(), "bce": bce.detach()}
         if self.dice_weight:
-            dice = soft_dice_loss(proc.predict_x0(proc.noise_probs(logits), y_t).float(), x0, mask)
+            dice = soft_dice_loss(x0_hat.float(), x0, mask)
             out["loss"] = out["loss"] + self.dice_weight * dice
             out["dice"] = dice.detach()
         return out
@@ -171,7 +188,7 @@ class BerDiff(DiffusionMethod):
             y = proc.prior_sample((b * n, self.num_classes, *image.shape[2:]), generator, image.device, torch.float32)
             for i, t in enumerate(timesteps):
                 tt = torch.full((b * n,), t, device=image.device, dtype=torch.long)
-                x0_hat = proc.predict_x0(proc.noise_probs(self(image_n, y, tt)), y)
+                x0_hat = self.estimates(proc, self(image_n, y, tt), y)[1]
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
                 if self.sampler == "ddim":
                     y = proc.step(x0_hat, y, t, t_prev, self.eta, generator)

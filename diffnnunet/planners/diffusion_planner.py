@@ -32,12 +32,14 @@ DEFAULT_DIFFUSION = {
         "method": "berdiff", "process": "bernoulli", "multiclass": "auto", "timesteps": 1000,
         "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "sampler": "ddim", "eta": 0.0,
         "sampling_steps": 10, "samples_per_step": 8, "bce_weight": 1.0, "uncertainty": "entropy",
-        # the recipe (documentation/berdiff.md, "Recipe"; not in the paper): a soft Dice loss on the x0 estimate,
-        # and the saliency map as the chains' expected (not drawn) last sample
-        "dice_weight": 1.0, "saliency": "expected",
+        # the recipe (documentation/berdiff.md, "Recipe"; not in the paper): logits of y_0 instead of the flip
+        # noise, a soft Dice loss on the x0 estimate, the saliency map as the chains' expected (not drawn) last
+        # sample
+        "dice_weight": 1.0, "saliency": "expected", "prediction": "x0",
         "validation_sampling_steps": 2, "validation_samples": 1,
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5,
-                                       "warmup_fraction": 0.1}, "dice_weight": 0.0, "saliency": "samples"},
+                                       "warmup_fraction": 0.1}, "dice_weight": 0.0, "saliency": "samples",
+                         "prediction": "eps"},
         "seed": 12345,
     },
     # LDSeg (Zaman et al. 2024): cosine T=1000, eps-prediction, DDIM 2 steps (Fig. 5 / Table IV), gamma=2, lambda=1
