@@ -63,8 +63,8 @@ def _train(trainer_name: str, args, device, seed: int = 0, dataset: str = str(DA
 
 def _tune(trainer_name: str, device, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
           configuration: str = "2d") -> tuple[float, str]:
-    """diffnnunet_train's default last step for diffusion trainers (sampling.json: budget + temperature); returns
-    (seconds, one line) or (0, "") for the stock trainer."""
+    """diffnnunet_train's default last step for diffusion trainers (sampling.json: budget, temperature, error map);
+    returns (seconds, one line) or (0, "") for the stock trainer."""
     from diffnnunet.inference.tuning import tune_sampling
     from diffnnunet.trainers import get_trainer_class, is_diffusion_trainer
     if not is_diffusion_trainer(get_trainer_class(trainer_name)):
@@ -77,7 +77,8 @@ def _tune(trainer_name: str, device, dataset: str = f"Dataset{DATASET_ID}_ICBM15
         f"tuned on {s['cases']} validation slices: {s['sampling_steps']} steps x {s['samples_per_step']} samples "
         f"(validation Dice {s['dice']:.4f}, best {s['best']['dice']:.4f} at {s['best']['steps']} x "
         f"{s['best']['samples']}); temperature {cal['temperature']:.3f}, validation ECE {cal['ece_before']:.4f} -> "
-        f"{cal['ece_after']:.4f}")
+        f"{cal['ece_after']:.4f}" + (f"; error map, validation AUROC {cal['error_map']['auroc_before']:.4f} -> "
+                                      f"{cal['error_map']['auroc_after']:.4f}" if cal.get("error_map") else ""))
 
 
 def _model_folder(trainer_name: str, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",

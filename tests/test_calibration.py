@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffnnunet.inference.calibration import GRID, calibrate, expected_calibration_error, fit_temperature, nll
+from diffnnunet.inference.calibration import (
+    GRID,
+    apply_error_map,
+    calibrate,
+    expected_calibration_error,
+    fit_error_map,
+    fit_temperature,
+    nll,
+)
 
 
 def test_nll_by_hand():
@@ -84,3 +92,65 @@ def test_predictor_divides_exported_logits_by_the_temperature():
         scaled = ours.predict_sliding_window_return_logits(image)
     torch.testing.assert_close(scaled, plain / 2.5)
     assert torch.equal(scaled.argmax(0), plain.argmax(0))  # the segmentation does not change
+
+
+# -- the error map ---------------------------------------------------------------------------------------------------
+def _voxels(labels, u, wrong):
+    return np.asarray(labels, np.int64), np.asarray(u, np.float64), np.asarray(wrong, bool)
+
+
+def test_error_map_is_the_isotonic_error_rate_by_hand():
+    """One label, u = 0.1..0.4 with errors at 0.2 and 0.4: pooling adjacent violators gives error rates
+    0, 1/2, 1/2, 1; at u = 0.25 the map is (1/2 + 1e-4 x 0.25) / (1 + 1e-4); beyond the end knots it is constant."""
+    fit = fit_error_map([_voxels([1, 1, 1, 1], [0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1])], "entropy")
+    assert fit["measure"] == "entropy" and fit["labels"]["1"]["errors"] == 2
+    u = torch.tensor([0.25, 0.05, 0.9])
+    got = apply_error_map(u, torch.ones(3, dtype=torch.long), fit)
+    expected = (np.array([0.5, 0.0, 1.0]) + 1e-4 * u.numpy()) / (1 + 1e-4)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_error_map_ranks_errors_across_labels():
+    """The demo's failure: background voxels with an entropy floor (0.11) are never wrong, some foreground errors
+    sit lower (0.02). Raw, the AUROC counts those errors below the whole background; the error map puts the
+    background at 0 and keeps each label's own order."""
+    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
+    rng = np.random.default_rng(0)
+    bg_u = rng.uniform(0.10, 0.12, 4000)
+    fg_u = rng.uniform(0.0, 0.6, 1000)
+    fg_wrong = rng.uniform(size=1000) < np.where(fg_u < 0.1, 0.6, fg_u)  # errors at low and high u
+    labels = np.r_[np.zeros(4000, np.int64), np.ones(1000, np.int64)]
+    u, wrong = np.r_[bg_u, fg_u], np.r_[np.zeros(4000, bool), fg_wrong]
+    fit = fit_error_map([(labels[::2], u[::2], wrong[::2])], "entropy")  # fitted on half of the voxels
+    after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit).numpy()
+
+    def auroc(x):
+        return auroc_from_histograms(uncertainty_counts(x, wrong)["counts"])
+    assert auroc(u) < 0.75 < 0.85 < auroc(after)
+    assert after[:4000].max() < 1e-3  # the background: never wrong on the validation voxels
+    fg = np.argsort(fg_u)
+    assert np.all(np.diff(after[4000:][fg]) >= 0)  # the foreground's own order is kept
+    # a label never predicted on the validation voxels gets the pooled curve
+    other = apply_error_map(torch.tensor([0.3]), torch.tensor([7]), fit)
+    np.testing.assert_allclose(other.numpy(), (np.interp(0.3, fit["pooled"]["u"], fit["pooled"]["error"])
+                                               + 1e-4 * 0.3) / (1 + 1e-4), rtol=1e-6)
+
+
+def test_predictor_writes_the_error_map_only_for_its_measure():
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from tests.test_inference import _predictors
+    _, ours = _predictors(2)
+    ours.label_manager = LabelManager({"background": 0, "a": 1, "b": 2}, None)
+    ours.diffusion.update(uncertainty="entropy", error_map=fit_error_map(
+        [_voxels([0, 0, 1, 1, 2, 2], [0.1, 0.2, 0.1, 0.2, 0.1, 0.2], [0, 0, 0, 1, 1, 1])], "entropy"))
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]).reshape(3, 1, 2)  # labels 0 and 1
+    out = torch.cat([logits, torch.tensor([[[0.2, 0.2]]])])
+    got = ours._apply_error_map(out)
+    torch.testing.assert_close(got[:3], logits)
+    torch.testing.assert_close(got[3, 0], torch.tensor([0.0, 1.0]) + 1e-4 * 0.2 / (1 + 1e-4) - torch.tensor(
+        [0.0, 1.0]) * 1e-4 / (1 + 1e-4), rtol=0, atol=1e-6)
+    ours.uncertainty_override = "mutual_information"  # another measure than the one fitted: left as it is
+    assert torch.equal(ours._apply_error_map(out), out)
+    ours.uncertainty_override, ours.raw_uncertainty = None, True
+    assert torch.equal(ours._apply_error_map(out), out)

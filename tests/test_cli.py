@@ -254,12 +254,18 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     chosen = (tuned["sampling_steps"], tuned["samples_per_step"])
     assert rows[chosen]["dice"] >= max(r["dice"] for r in rows.values()) - 0.005  # within half a Dice point
     cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
-    assert cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["voxels"] > 0
+    assert cal["temperature"] > 0 and cal["ece_after"] <= cal["ece_before"] + 1e-12 and cal["voxels"] > 0
+    assert cal["error_map"]["measure"] == "mutual_information"  # Diff-UNet's plans measure
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", str(tmp_path / "pred"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
-                  "-device", "cpu"])
+                  "-device", "cpu", "--save_uncertainty"])
     assert f"diffusion sampling: {chosen[0]} steps x {chosen[1]} samples (tuned, sampling.json)" in \
         capsys.readouterr().out
+    predict.main(["-i", images, "-o", str(tmp_path / "raw"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
+                  "-device", "cpu", "--save_uncertainty", "--raw_uncertainty"])
+    case = sorted(f for f in os.listdir(tmp_path / "pred") if f.endswith("_uncertainty.nii.gz"))[0]
+    mapped, raw = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / case))) for d in ("pred", "raw"))
+    assert mapped.shape == raw.shape and 0 <= mapped.min() and mapped.max() <= 1 and not np.allclose(mapped, raw)
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [2])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the diffusion models' native map, from the sampling chains of each window: entropy "
                         "(predictive entropy of their mean), mutual_information (the chains' disagreement) or std; "
                         "default: the plans' (mutual_information for Diff-UNet, entropy for BerDiff and LDSeg)")
+    p.add_argument("--raw_uncertainty", action="store_true",
+                   help="write the --uncertainty map as the chains give it, not the probability that the voxel is "
+                        "wrong fitted to it on the validation cases by the tuning (sampling.json's error_map)")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases that are already predicted")
     p.add_argument("-num_parts", type=int, default=1,
                    help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")
@@ -117,7 +120,7 @@ def main(argv=None):
                                    steps=args.steps, samples=args.samples, seed=args.seed,
                                    save_uncertainty=args.save_uncertainty, allow_tqdm=True,
                                    precision=args.precision, compile=args.compile or None,
-                                   uncertainty=args.uncertainty)
+                                   uncertainty=args.uncertainty, raw_uncertainty=args.raw_uncertainty)
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror

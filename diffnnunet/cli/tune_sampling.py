@@ -70,6 +70,10 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
         print(f"temperature {cal['temperature']:.3f}: validation ECE {cal['ece_before']:.4f} -> "
               f"{cal['ece_after']:.4f}, "
               f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} ({cal['voxels']} voxels)")
+        if cal.get("error_map"):
+            em = cal["error_map"]
+            print(f"error map of the {em['measure']} map: validation AUROC {em['auroc_before']:.4f} -> "
+                  f"{em['auroc_after']:.4f}")
     return summary
 
 

@@ -13,6 +13,15 @@ a few confidently wrong voxels dominate the NLL and its T can raise the ECE (mea
 0.076 -> 0.130 at the NLL's T = 2.95). :func:`calibrate` therefore keeps the T of the lowest validation ECE among
 the NLL's T, T = 1 and a log-spaced grid over [T_MIN, T_MAX] (:data:`GRID`), so the fit never makes the
 validation ECE worse.
+
+**The error map.** The native uncertainty maps rank voxels by the chains' entropy or disagreement, but a map's
+level means different things under different predicted labels: on the demo, Diff-UNet's background voxels carry
+an entropy floor of about 0.11 without a single error, while some grey-matter errors sit at 0.02, so the raw
+entropy finds the errors with an AUROC of 0.62. :func:`fit_error_map` fits, per predicted label c on the
+validation voxels, the isotonic (non-decreasing) regression e_c(u) of "the voxel is wrong" on the map u;
+:func:`apply_error_map` writes u' = (e_c(u) + eps u) / (1 + eps) instead, the estimated probability that the
+voxel's label is wrong, with eps = :data:`TIE_BREAK` keeping the raw order inside each flat step of e_c. Within a
+predicted label the ranking is the map's own; across labels it becomes comparable.
 """
 from __future__ import annotations
 
@@ -25,6 +34,10 @@ import torch
 T_MIN, T_MAX = 0.05, 20.0
 #: log-spaced candidates searched for the lowest validation ECE (ratio 1.08 between neighbours)
 GRID = np.exp(np.linspace(math.log(T_MIN), math.log(T_MAX), 79))
+#: knots kept per label of an error map (isotonic steps thinned evenly beyond this)
+ERROR_MAP_KNOTS = 256
+#: weight of the raw map inside the error map's flat steps (see the module docstring)
+TIE_BREAK = 1e-4
 #: validation voxels kept per case for the fit (a seeded random subset; all when the case is smaller)
 VOXELS_PER_CASE = 50_000
 
@@ -93,3 +106,53 @@ def calibrate(samples: list, has_regions: bool) -> dict:
     return {"temperature": t, "temperature_nll": t_nll, "ece_before": eces[1], "ece_after": eces[best],
             "nll_before": nll(z, y, 1.0, has_regions), "nll_after": nll(z, y, t, has_regions),
             "voxels": int(len(y))}
+
+
+def error_voxels(segmentation: np.ndarray, uncertainty: np.ndarray, reference: np.ndarray, label_manager,
+                 rng: np.random.Generator, max_voxels: int = VOXELS_PER_CASE) -> tuple:
+    """Predicted label map, native map and reference label map of one case (``(*spatial)`` each) -> (labels
+    ``(n,)``, map ``(n,)``, wrong ``(n,)``) of a seeded voxel subset, ignore-label voxels left out; wrong = the
+    predicted label differs from the reference (as ``diffnnunet_evaluate`` counts errors)."""
+    seg, ref = np.asarray(segmentation).reshape(-1), np.asarray(reference).reshape(-1)
+    u = np.asarray(uncertainty, dtype=np.float64).reshape(-1)
+    idx = np.flatnonzero(np.ones(ref.shape, bool) if label_manager.ignore_label is None
+                         else ref != label_manager.ignore_label)
+    if idx.size > max_voxels:
+        idx = np.sort(rng.choice(idx, max_voxels, replace=False))
+    return seg[idx].astype(np.int64), u[idx], seg[idx] != ref[idx]
+
+
+def _isotonic_curve(u: np.ndarray, wrong: np.ndarray) -> dict:
+    from sklearn.isotonic import IsotonicRegression
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(u, wrong.astype(float))
+    x, y = np.asarray(iso.X_thresholds_, float), np.asarray(iso.y_thresholds_, float)
+    if len(x) > ERROR_MAP_KNOTS:
+        keep = np.unique(np.linspace(0, len(x) - 1, ERROR_MAP_KNOTS).round().astype(int))
+        x, y = x[keep], y[keep]
+    return {"u": x.tolist(), "error": y.tolist(), "voxels": int(len(u)), "errors": int(wrong.sum())}
+
+
+def fit_error_map(samples: list, measure: str) -> dict:
+    """``samples``: (labels, map, wrong) triples of :func:`error_voxels` -> ``{"measure", "labels": {label:
+    curve}, "pooled": curve}``, a curve being the knots ``u`` and ``error`` of the isotonic regression of wrong on
+    the map among the voxels predicted as that label (``pooled``: all voxels, for labels never predicted on the
+    validation cases), with the voxel and error counts."""
+    labels = np.concatenate([s[0] for s in samples])
+    u = np.concatenate([s[1] for s in samples])
+    wrong = np.concatenate([s[2] for s in samples])
+    return {"measure": measure, "pooled": _isotonic_curve(u, wrong),
+            "labels": {str(int(c)): _isotonic_curve(u[labels == c], wrong[labels == c]) for c in np.unique(labels)}}
+
+
+def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error_map: dict) -> torch.Tensor:
+    """The native map ``(*spatial)`` and the predicted label map ``(*spatial)`` -> the error map (module
+    docstring), float32 in [0, 1], same shape: e_c interpolated linearly between the knots of the voxel's
+    predicted label c (the pooled curve for a label without one), constant beyond the end knots."""
+    u = uncertainty.float().cpu().numpy()
+    seg = np.asarray(segmentation.cpu() if isinstance(segmentation, torch.Tensor) else segmentation)
+    out = np.empty_like(u)
+    for c in np.unique(seg):
+        curve = error_map["labels"].get(str(int(c)), error_map["pooled"])
+        m = seg == c
+        out[m] = np.interp(u[m], curve["u"], curve["error"])
+    return torch.from_numpy((out + TIE_BREAK * np.clip(u, 0, 1)) / (1 + TIE_BREAK))

@@ -70,11 +70,14 @@ class DiffusionPredictor(nnUNetPredictor):
     (:func:`autocast_dtype`); ``compile`` runs ``torch.compile`` on the method's per-step modules
     (``step_modules()``; None: nnU-Net's ``nnUNet_compile`` environment variable decides). ``uncertainty`` is the
     native map written with ``save_uncertainty``: one of :data:`diffnnunet.methods.uncertainty.MEASURES`, computed
-    per window from the chains before blending."""
+    per window from the chains before blending; when the tuning fitted an error map for that measure
+    (``sampling.json``, :func:`~diffnnunet.inference.calibration.apply_error_map`) the written map is the estimated
+    probability that the voxel's label is wrong, unless ``raw_uncertainty``."""
 
     def __init__(self, *args, steps: int | None = None, samples: int | None = None, seed: int | None = None,
                  save_uncertainty: bool = False, use_tuned_sampling: bool = True, precision: str = "auto",
-                 compile: bool | None = None, uncertainty: str | None = None, **kwargs):
+                 compile: bool | None = None, uncertainty: str | None = None, raw_uncertainty: bool = False,
+                 **kwargs):
         kwargs.setdefault("allow_tqdm", True)
         super().__init__(*args, **kwargs)
         self.autocast_dtype = autocast_dtype(self.device, precision)
@@ -82,6 +85,7 @@ class DiffusionPredictor(nnUNetPredictor):
         self.steps_override, self.samples_override, self.seed = steps, samples, seed
         self.save_uncertainty = save_uncertainty
         self.uncertainty_override = uncertainty
+        self.raw_uncertainty = raw_uncertainty
         self.use_tuned_sampling = use_tuned_sampling
         self.fold_parts = False  # True while several folds predict a case: the sampler returns the map's parts
         self.tuned_sampling = None
@@ -295,8 +299,23 @@ class DiffusionPredictor(nnUNetPredictor):
         if self.generator is not None:
             self.generator.manual_seed(self.sampling_seed)
         if self.diffusion is not None and self.save_uncertainty and len(self.list_of_parameters) > 1:
-            return self._predict_folds(data)
-        return super().predict_logits_from_preprocessed_data(data)
+            out = self._predict_folds(data)
+        else:
+            out = super().predict_logits_from_preprocessed_data(data)
+        return self._apply_error_map(out)
+
+    def _apply_error_map(self, out: torch.Tensor) -> torch.Tensor:
+        """The tuned error map (``sampling.json``) over the native map channel of ``out`` ``(heads + 1, *sp)``, when
+        it was fitted for the measure being written and ``raw_uncertainty`` is off."""
+        heads = self.label_manager.num_segmentation_heads
+        error_map = (self.diffusion or {}).get("error_map")
+        if (self.raw_uncertainty or not error_map or out.shape[0] != heads + 1
+                or error_map.get("measure") != self.uncertainty_measure):
+            return out
+        from diffnnunet.inference.calibration import apply_error_map
+        seg = self.label_manager.convert_logits_to_segmentation(out[:heads].float())
+        mapped = apply_error_map(out[heads], seg, error_map).to(out.dtype)
+        return torch.cat([out[:heads], mapped[None]])
 
     def _predict_folds(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's fold loop (the mean of the folds' exported logits), except for the native uncertainty map: each

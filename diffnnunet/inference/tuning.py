@@ -65,6 +65,12 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
             out["temperature"] = float(tuned["calibration"]["temperature"])
             if not out["temperature"] > 0:
                 raise ValueError(f"temperature {out['temperature']} is not > 0")
+            error_map = tuned["calibration"].get("error_map")
+            if error_map:
+                for curve in [error_map["pooled"], *error_map["labels"].values()]:
+                    if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
+                        raise ValueError("error_map: knots and values differ in length")
+                out["error_map"] = error_map
         return out
     except (ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"{path}: unreadable sampling budget ({e}); delete it or re-run "
@@ -96,17 +102,40 @@ def _predict(predictor, data: torch.Tensor, steps: int, samples: int) -> torch.T
 
 
 def _calibrate(passes: list, steps: int, samples: int) -> dict:
-    """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case)."""
-    from diffnnunet.inference.calibration import calibrate, sample_voxels
+    """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case)
+    and, when the sampler writes a native map, the error map of that map (``error_map``;
+    :func:`~diffnnunet.inference.calibration.fit_error_map`) with the validation AUROC before and after."""
+    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
+    from diffnnunet.inference.calibration import (
+        apply_error_map,
+        calibrate,
+        error_voxels,
+        fit_error_map,
+        sample_voxels,
+    )
     rng = np.random.default_rng(0)
-    voxels = []
+    voxels, maps = [], []
     for predictor, dataset, keys in passes:
         lm = predictor.label_manager
+        heads = lm.num_segmentation_heads
         for key in tqdm(keys, desc="calibration"):
             data, seg = dataset.load_case(key)[:2]
-            logits = _predict(predictor, torch.from_numpy(np.asarray(data[:], dtype=np.float32)), steps, samples)
-            voxels.append(sample_voxels(logits[:lm.num_segmentation_heads], np.asarray(seg[:])[0], lm, rng))
-    return calibrate(voxels, passes[0][0].label_manager.has_regions)
+            out = _predict(predictor, torch.from_numpy(np.asarray(data[:], dtype=np.float32)), steps, samples)
+            ref = np.asarray(seg[:])[0]
+            voxels.append(sample_voxels(out[:heads], ref, lm, rng))
+            if out.shape[0] > heads:
+                pred = lm.convert_logits_to_segmentation(out[:heads].float())
+                pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+                maps.append(error_voxels(pred, out[-1].float().numpy(), ref, lm, rng))
+    result = calibrate(voxels, passes[0][0].label_manager.has_regions)
+    if maps and any(m[2].any() for m in maps) and not all(m[2].all() for m in maps):
+        fit = fit_error_map(maps, passes[0][0].uncertainty_measure)
+        labels, u, wrong = (np.concatenate([m[i] for m in maps]) for i in range(3))
+        after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit).numpy()
+        fit["auroc_before"] = auroc_from_histograms(uncertainty_counts(u, wrong)["counts"])
+        fit["auroc_after"] = auroc_from_histograms(uncertainty_counts(after, wrong)["counts"])
+        result["error_map"] = fit
+    return result
 
 
 def validation_keys(preprocessed_dataset_folder: str, fold) -> list:
