@@ -100,14 +100,33 @@ def _voxels(labels, u, wrong):
 
 
 def test_error_map_is_the_isotonic_error_rate_by_hand():
-    """One label, u = 0.1..0.4 with errors at 0.2 and 0.4: pooling adjacent violators gives error rates
-    0, 1/2, 1/2, 1; at u = 0.25 the map is (1/2 + 1e-4 x 0.25) / (1 + 1e-4); beyond the end knots it is constant."""
-    fit = fit_error_map([_voxels([1, 1, 1, 1], [0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1])], "entropy")
-    assert fit["measure"] == "entropy" and fit["labels"]["1"]["errors"] == 2
-    u = torch.tensor([0.25, 0.05, 0.9])
-    got = apply_error_map(u, torch.ones(3, dtype=torch.long), fit)
-    expected = (np.array([0.5, 0.0, 1.0]) + 1e-4 * u.numpy()) / (1 + 1e-4)
+    """One label, 100 voxels at each u = 0.1, 0.2, 0.3, 0.4 with 0, 50, 10 and 100 errors: bins of 100, the
+    label's rate r = 160/400 = 0.4, shrunk rates (e + 10 r) / (100 + 10) = 4/110, 54/110, 14/110, 104/110; pooling
+    the adjacent violators (equal weights) gives 4/110, 34/110, 34/110, 104/110. At u = 0.25 the map is
+    (34/110 + 1e-4 x 0.25) / (1 + 1e-4); beyond the end knots it is constant."""
+    u = np.repeat([0.1, 0.2, 0.3, 0.4], 100)
+    wrong = np.zeros(400, bool)
+    for start, n in zip((0, 100, 200, 300), (0, 50, 10, 100)):
+        wrong[start:start + n] = True
+    fit = fit_error_map([_voxels(np.ones(400), u, wrong)], "entropy")
+    assert fit["measure"] == "entropy" and fit["labels"]["1"]["errors"] == 160
+    np.testing.assert_allclose(fit["labels"]["1"]["u"], [0.1, 0.2, 0.3, 0.4])
+    np.testing.assert_allclose(fit["labels"]["1"]["error"], np.array([4, 34, 34, 104]) / 110)
+    x = torch.tensor([0.25, 0.05, 0.9])
+    got = apply_error_map(x, torch.ones(3, dtype=torch.long), fit)
+    expected = (np.array([34 / 110, 4 / 110, 104 / 110]) + 1e-4 * x.numpy()) / (1 + 1e-4)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+
+
+def test_error_map_shrinks_a_sparse_tail():
+    """The demo's validation background: 8 errors in 11,658 voxels, 2 of them among the 4 highest u. A raw
+    isotonic fit puts the tail at 1/2; the binned, shrunk curve keeps the whole label below 3%."""
+    rng = np.random.default_rng(1)
+    u = np.sort(rng.uniform(0, 0.09, 11658))
+    wrong = np.zeros(11658, bool)
+    wrong[[100, 3000, 6000, 9000, 11000, 11500, 11655, 11657]] = True
+    fit = fit_error_map([_voxels(np.zeros(11658), u, wrong)], "entropy")
+    assert max(fit["labels"]["0"]["error"]) < 0.03 and len(fit["labels"]["0"]["u"]) <= 64
 
 
 def test_error_map_ranks_errors_across_labels():
@@ -142,14 +161,20 @@ def test_predictor_writes_the_error_map_only_for_its_measure():
     from tests.test_inference import _predictors
     _, ours = _predictors(2)
     ours.label_manager = LabelManager({"background": 0, "a": 1, "b": 2}, None)
+    # labels 0 / 1 / 2, 200 voxels each at u = 0.1 and 0.2: never wrong / wrong only at 0.2 / always wrong
+    u = np.tile(np.repeat([0.1, 0.2], 100), 3)
+    wrong = np.r_[np.zeros(200), np.zeros(100), np.ones(100), np.ones(200)].astype(bool)
     ours.diffusion.update(uncertainty="entropy", error_map=fit_error_map(
-        [_voxels([0, 0, 1, 1, 2, 2], [0.1, 0.2, 0.1, 0.2, 0.1, 0.2], [0, 0, 0, 1, 1, 1])], "entropy"))
+        [_voxels(np.repeat([0, 1, 2], 200), u, wrong)], "entropy"))
+    e1 = fit_error_map([_voxels(np.ones(200), u[:200], wrong[200:400])], "entropy")["labels"]["1"]["error"][1]
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]).reshape(3, 1, 2)  # labels 0 and 1
     out = torch.cat([logits, torch.tensor([[[0.2, 0.2]]])])
     got = ours._apply_error_map(out)
     torch.testing.assert_close(got[:3], logits)
-    torch.testing.assert_close(got[3, 0], torch.tensor([0.0, 1.0]) + 1e-4 * 0.2 / (1 + 1e-4) - torch.tensor(
-        [0.0, 1.0]) * 1e-4 / (1 + 1e-4), rtol=0, atol=1e-6)
+    # label 0 at u = 0.2: rate 0 (no errors, shrunk towards 0); label 1 at u = 0.2: (100 + 10/2) / 110
+    assert e1 == pytest.approx(105 / 110)
+    torch.testing.assert_close(got[3, 0], (torch.tensor([0.0, 105 / 110]) + 1e-4 * 0.2) / (1 + 1e-4), rtol=0,
+                               atol=1e-6)
     ours.uncertainty_override = "mutual_information"  # another measure than the one fitted: left as it is
     assert torch.equal(ours._apply_error_map(out), out)
     ours.uncertainty_override, ours.raw_uncertainty = None, True
