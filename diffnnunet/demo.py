@@ -1,8 +1,8 @@
 """diffnnunet_demo: the main job on the embedded default dataset, on CPU in minutes.
 
-plan -> train (short budget) -> tune the sampling (budget + temperature, as diffnnunet_train does by default) ->
-predict -> evaluate, for DiffUNetTrainer and the nnUNetTrainer baseline side by
-side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see datasets/icbm152.py). Prints one
+plan -> train (short budget) -> tune the sampling (budget, temperature and error map, as diffnnunet_train does by
+default) -> predict -> evaluate, for DiffUNetTrainer, BerDiffTrainer, MedSegDiffV2Trainer and the nnUNetTrainer
+baseline side by side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see datasets/icbm152.py). Prints one
 table per trainer and writes pictures (image | ground truth | prediction | uncertainty, and training curves).
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ from diffnnunet.cli.common import cli_entry
 from diffnnunet.utils import partial_path
 
 DATASET_ID = 990
-TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer")
+#: the baseline and the three diffusion trainers that beat it at this budget (benchmarks.md; LDSegTrainer and
+#: cDALTrainer through --trainers: LDSeg lags, cDAL's discriminator makes it 5x slower to train)
+TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer", "BerDiffTrainer", "MedSegDiffV2Trainer")
 
 
 def build_parser():

@@ -13,7 +13,8 @@ def test_demo_tiny_budget(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     work = tmp_path / "demo"
     demo.main(["--workdir", str(work), "--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1",
-               "--steps", "2", "--samples", "1", "--factor", "6", "-device", "cpu", "--no-tune"])
+               "--steps", "2", "--samples", "1", "--factor", "6", "-device", "cpu", "--no-tune",
+               "--trainers", "nnUNetTrainer", "DiffUNetTrainer"])  # the code path; the default adds two trainers
     out = capsys.readouterr().out
     for trainer in ("nnUNetTrainer", "DiffUNetTrainer"):
         assert f"== {trainer}" in out
