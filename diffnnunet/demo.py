@@ -2,8 +2,9 @@
 
 plan -> train (short budget) -> tune the sampling (budget, temperature and error map, as diffnnunet_train does by
 default) -> predict -> evaluate, for DiffUNetTrainer, BerDiffTrainer, MedSegDiffV2Trainer and the nnUNetTrainer
-baseline side by side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see datasets/icbm152.py). Prints one
-table per trainer and writes pictures (image | ground truth | prediction | uncertainty, and training curves).
+baseline side by side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see
+datasets/icbm152.py). Prints one table per trainer and writes pictures (image | ground truth | prediction |
+uncertainty, and training curves).
 """
 from __future__ import annotations
 
