@@ -164,7 +164,7 @@ def train(args, device):
 
 def tune_after_training(args, trainer) -> None:
     """The default last step of a diffusion trainer's run: :func:`~diffnnunet.cli.tune_sampling.run_tuning` on this
-    fold's validation cases (budget + temperature into the model folder's sampling.json). Skipped silently for the
+    fold's validation cases (budget, temperature and error map into the model folder's sampling.json). Skipped for the
     stock trainer, with one line for fold 'all' and a fold without validation cases; a failed tuning is reported
     in one line and leaves the trained model as it is."""
     from diffnnunet.cli.tune_sampling import run_tuning
