@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_cases", type=int, default=None, help="validation cases per fold (default: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plans')")
     p.add_argument("--no_calibration", action="store_true",
-                   help="do not fit the temperature of the exported probabilities (fitted by default at the chosen "
-                        "budget on the same validation cases; applied by diffnnunet_predict)")
+                   help="do not fit the temperature of the exported probabilities nor the error map of the "
+                        "uncertainty map (fitted by default at the chosen budget on the same validation cases; "
+                        "applied by diffnnunet_predict)")
     p.add_argument("-device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
 
