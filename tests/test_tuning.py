@@ -34,13 +34,29 @@ def test_the_measured_diff_unet_grid_keeps_two_steps():
     assert (choose_budget(rows, 0.005, auroc_tolerance=0.01)["steps"]) == 1
 
 
-def test_ece_condition_and_its_fallback():
+def test_ece_is_measured_against_the_settings_that_passed_dice_and_auroc():
     rows = [_row(1, 2, 0.90, 0.93, 0.08), _row(2, 2, 0.90, 0.93, 0.02), _row(5, 2, 0.90, 0.80, 0.01)]
-    # the lowest ECE (0.01) belongs to a setting with a poor AUROC; within 0.01 of it: 2 x 2 (0.02)
+    # the lowest ECE (0.01) belongs to a setting with a poor AUROC; among the two with AUROC 0.93 the lowest is 0.02,
+    # and 1 x 2 (0.08) is not within 0.01 of it
     assert (choose_budget(rows, 0.005)["steps"]) == 2
-    # no setting meets Dice, AUROC and ECE together: the ECE condition is dropped, the cheapest of the rest wins
+    # the only setting with an acceptable AUROC wins whatever its ECE
     rows = [_row(1, 2, 0.90, 0.93, 0.08), _row(5, 2, 0.90, 0.80, 0.01)]
     assert choose_budget(rows, 0.005)["steps"] == 1
+
+
+def test_the_best_auroc_outside_the_dice_tolerance_does_not_void_the_auroc_condition():
+    """MedSegDiff-V2's validation grid in the demo (mutual-information map; one sample has none: AUROC 0.5): the best
+    AUROC (10 x 4, 0.9165) is 0.009 below the best Dice (2 x 4, 0.8908), beyond the 0.005 Dice tolerance. Among the
+    Dice-acceptable 1 x 4, 2 x 1 and 2 x 4 the best AUROC is 2 x 4's 0.9102; 1 x 4 (0.8881) and 2 x 1 (0.5) are
+    more than 0.005 below it, so 2 x 4 is chosen. (Measured against 0.9165 no Dice-acceptable setting qualified,
+    and the map-less 2 x 1 won.)"""
+    grid = [(1, 1, 0.8803, 0.0541, 0.5), (1, 2, 0.8589, 0.0453, 0.8766), (1, 4, 0.8869, 0.0472, 0.8881),
+            (2, 1, 0.8882, 0.0503, 0.5), (2, 2, 0.8813, 0.0436, 0.8913), (2, 4, 0.8908, 0.0475, 0.9102),
+            (5, 1, 0.8807, 0.0535, 0.5), (5, 2, 0.8706, 0.0444, 0.9034), (5, 4, 0.8831, 0.049, 0.9157),
+            (10, 1, 0.8791, 0.0541, 0.5), (10, 2, 0.8689, 0.0456, 0.9059), (10, 4, 0.882, 0.0494, 0.9165)]
+    rows = [_row(s, n, dice, auroc, ece) for s, n, dice, ece, auroc in grid]
+    chosen = choose_budget(rows, 0.005)
+    assert (chosen["steps"], chosen["samples"]) == (2, 4)
 
 
 def test_nan_metrics_constrain_nothing():
