@@ -266,6 +266,15 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     case = sorted(f for f in os.listdir(tmp_path / "pred") if f.endswith("_uncertainty.nii.gz"))[0]
     mapped, raw = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / case))) for d in ("pred", "raw"))
     assert mapped.shape == raw.shape and 0 <= mapped.min() and mapped.max() <= 1 and not np.allclose(mapped, raw)
+    # one chain of one fold: the mutual-information map (Diff-UNet's) is 0 everywhere, and the user is told
+    predict.main(["-i", images, "-o", str(tmp_path / "one"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
+                  "-device", "cpu", "--save_uncertainty", "--raw_uncertainty", "--steps", "1", "--samples", "1"])
+    assert "warning: with 1 sample the 'mutual_information' map measures nothing" in capsys.readouterr().err
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / case))).any()
+    predict.main(["-i", images, "-o", str(tmp_path / "one_h"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f",
+                  "2", "-device", "cpu", "--save_uncertainty", "--steps", "1", "--samples", "1", "--uncertainty",
+                  "entropy"])
+    assert "warning" not in capsys.readouterr().err
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [2])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen

@@ -9,6 +9,8 @@ from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_en
 
 #: diffnnunet.methods.uncertainty.MEASURES, spelled out so that parsing arguments imports no torch
 UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
+#: the measures of the chains' spread: 0 everywhere for one chain of one fold
+SPREAD_MEASURES = ("mutual_information", "std")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +130,10 @@ def main(argv=None):
         print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples "
               f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
+        if (args.save_uncertainty and predictor.samples_per_step == 1 and len(folds) == 1
+                and predictor.uncertainty_measure in SPREAD_MEASURES):
+            print(f"warning: with 1 sample the '{predictor.uncertainty_measure}' map measures nothing (one chain has "
+                  "no spread); use --samples 2 or more, or --uncertainty entropy", file=sys.stderr)
     os.makedirs(args.o, exist_ok=True)
     if input_lists:
         predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
