@@ -62,3 +62,6 @@ def test_the_best_auroc_outside_the_dice_tolerance_does_not_void_the_auroc_condi
 def test_nan_metrics_constrain_nothing():
     rows = [_row(1, 1, 0.90), _row(2, 2, 0.90, 0.95, 0.01)]
     assert choose_budget(rows, 0.005)["steps"] == 1  # no map for 1 x 1 (NaN): not held against it
+    # an undefined Dice is not within any tolerance of the best: the cheaper NaN-Dice setting is not chosen
+    rows = [_row(1, 1, math.nan, 0.95, 0.01), _row(2, 2, 0.90, 0.95, 0.01)]
+    assert choose_budget(rows, 0.005)["steps"] == 2

@@ -9,8 +9,6 @@ from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_en
 
 #: diffnnunet.methods.uncertainty.MEASURES, spelled out so that parsing arguments imports no torch
 UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
-#: the measures of the chains' spread: 0 everywhere for one chain of one fold
-SPREAD_MEASURES = ("mutual_information", "std")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +103,7 @@ def main(argv=None):
 
     from diffnnunet.cli.checks import screen_prediction_inputs
     from diffnnunet.inference import DiffusionPredictor
+    from diffnnunet.methods.uncertainty import SPREAD_MEASURES
 
     args = build_parser().parse_args(argv)
     if args.steps is not None and args.steps < 1 or args.samples is not None and args.samples < 1:

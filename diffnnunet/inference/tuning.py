@@ -52,7 +52,8 @@ def choose_budget(results: list, tolerance: float, auroc_tolerance: float = 0.00
         return [r for r in candidates if not usable(r, key)
                 or (r[key] >= ref - tol if higher_is_better else r[key] <= ref + tol)]
 
-    ok = keep(results, "dice", tolerance, True)
+    top_dice = max(r["dice"] for r in results if usable(r, "dice"))
+    ok = [r for r in results if r["dice"] >= top_dice - tolerance]  # a NaN Dice never passes
     ok = keep(ok, "auroc", auroc_tolerance, True)
     ok = keep(ok, "ece", ece_tolerance, False)
     return min(ok, key=lambda r: (r["steps"] * r["samples"], -r["dice"]))

@@ -33,6 +33,8 @@ import math
 import torch
 
 MEASURES = ("entropy", "mutual_information", "std")
+#: the measures of the chains' spread: 0 everywhere for one chain (of one fold)
+SPREAD_MEASURES = ("mutual_information", "std")
 #: suffix of a measure that asks ChainStatistics.map for the parts FoldStatistics combines, not for the map
 FOLD_PARTS = "+folds"
 

@@ -51,7 +51,7 @@ DEFAULT_DIFFUSION = {
         "eta": 0.0, "sampling_steps": 2, "samples_per_step": 4, "latent_channels": 4,
         "denoised_latent": "x0", "x0_clip": 5.0, "multiclass": "auto",
         # the chains' mutual information, as for every Gaussian-chain method: on the demo's test slices 0.926
-        # AUROC with the error map against 0.897 for their total entropy (ldseg.md, "Uncertainty map")
+        # AUROC with the error map against 0.897 for their total entropy (ldseg.md, "Inference", step 4)
         "uncertainty": "mutual_information",
         # the recipe (documentation/ldseg.md, "Why LDSeg lagged"); the paper's values are in paper_recipe
         "prediction": "x0", "latent_norm": "instance", "latent_stop_gradient": True,
@@ -98,8 +98,8 @@ DEFAULT_DIFFUSION = {
         # the native map, as Diff-UNet's: the x0 chains' mutual information. Their total entropy was 0.93 AUROC on
         # the demo's validation slices but 0.65 on its test slices, whose background sits at another z-score
         # (x0_hat no longer saturates there, the whole background gets a uniform entropy); mutual information
-        # with the error map 0.93 (medsegdiff_v2.md, "Uncertainty map"). It also needs >= 2 chains, so the tuner
-        # no longer picks a one-sample budget that leaves no map.
+        # with the error map 0.93 (medsegdiff_v2.md, "Two seeds, and the uncertainty map"). It also needs >= 2
+        # chains, so the tuner no longer picks a one-sample budget that leaves no map.
         "uncertainty": "mutual_information",
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the paper: AdamW, initial lr 1e-4, batch 32 (Sec. "Implementation details")
