@@ -77,14 +77,17 @@ def test_defaults_follow_the_paper_plus_the_recipe():
     assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
     # the recipe's departures (documentation/ldseg.md); a module built without them is the paper's
     assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", True, 1.0)
+    assert d["image_skips"] is True and d["paper_recipe"]["image_skips"] is False
     paper = _model(ARCH_2D_TINY, (16, 16))
     assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
+    assert not paper.image_skips and not paper.label_decoder.image_skips
     assert isinstance(paper.label_encoder.standardize, LatentStandardize)
     recipe_paper = {**d, **d["paper_recipe"]}  # what recipe "paper" writes
     plan = {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}}
     m = LDSeg(NNUNET_2D, 1, 3, LDSeg.configure_plans(recipe_paper, plan))
     assert (m.process.prediction, m.latent_stop_gradient, m.w_ae, total_stride(m.latent_strides)) == (
         "eps", False, 0.0, [16, 16])
+    assert not m.image_skips
 
 
 # -- networks --------------------------------------------------------------------------------------------------------
@@ -119,6 +122,8 @@ def test_image_encoder_attends_in_its_last_two_downsampling_stages():
     has_attention = [any(isinstance(x, torch.nn.MultiheadAttention) for x in s.modules())
                      for s in m.image_encoder.stages]
     assert has_attention == [False, False, False, True, True]
+    off = _model(NNUNET_2D, [64, 64], image_attention=False)
+    assert not any(isinstance(x, torch.nn.MultiheadAttention) for x in off.image_encoder.modules())
     assert not any(isinstance(x, torch.nn.MultiheadAttention) for x in m.label_encoder.modules())
 
 
@@ -255,6 +260,58 @@ def test_sampler_seeded_regression():
 
 
 REGRESSION = [0.3889, 0.3578, 0.0704]
+
+
+# -- image skips into the label decoder (the recipe; documentation/ldseg.md, "Image skips") -------------------------
+def test_image_skips_feed_every_decoder_stage_the_encoders_output(arch, spatial):
+    m = _model(arch, spatial, image_skips=True)
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    z_i, skips = m.condition(image)
+    features = arch["features_per_stage"]
+    assert [f.shape[1] for f in skips] == features and skips[0].shape[2:] == spatial  # stage 0 has stride 1
+    # the first decoder stage (the deepest) takes the latent's C_l = 4 channels plus that stage's image features
+    first = m.label_decoder.blocks[0].blocks[0].conv1.conv
+    assert first.in_channels == 4 + features[-1]
+    z = m.encode_label(x0)
+    logits = m.decode(z, skips)
+    assert logits.shape == (2, 3, *spatial)
+    other = m.condition(torch.randn(2, 2, *spatial))[1]
+    assert not torch.allclose(m.decode(z, other), logits)  # the image reaches the decoder beside the latent
+    with pytest.raises(ValueError, match="image_skips"):
+        m.decode(z)
+    plain = _model(arch, spatial)
+    assert plain.condition(image)[1] is None and plain.label_decoder.blocks[0].blocks[0].conv1.conv.in_channels == 4
+
+
+def test_image_skips_sample_training_and_plain_forward(arch, spatial):
+    m = _model(arch, spatial, image_skips=True, prediction="x0", loss_weights={"autoencoder": 1.0})
+    image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
+    calls = []
+    m.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    ref = m.sample(image, 2, 3, generator=torch.Generator().manual_seed(1), chunk=3, return_uncertainty=True)
+    got = m.sample(image, 2, 3, generator=torch.Generator().manual_seed(1), chunk=1, return_uncertainty=True)
+    assert len(calls) == 2  # once per call, not per chain
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    assert ref[0].shape == (2, 3, *spatial) and m(image).shape == (2, 3, *spatial)
+    out = m.train().training_loss(image, x0, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and "autoencoder" in out
+    assert m.image_encoder.stages[0][0].blocks[0].conv1.conv.weight.grad.abs().sum() > 0
+
+
+def test_image_skips_sampler_seeded_regression():
+    """Pinned 2-step DDIM output with image skips (3 chains): guards the skip path of the decoder."""
+    from tests.conftest import ARCH_2D
+    m = _model(ARCH_2D, (16, 16), channels=1, classes=3, image_skips=True)
+    x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
+    probs, unc = m.sample(x, steps=2, samples=3, generator=torch.Generator().manual_seed(0),
+                          return_uncertainty=True, uncertainty="std")
+    got = [round(v, 4) for v in (probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item())]
+    assert got == pytest.approx(SKIPS_REGRESSION, abs=2e-4)
+
+
+SKIPS_REGRESSION = [0.4251, 0.28, 0.0153]
 
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------

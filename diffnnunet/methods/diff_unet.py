@@ -38,6 +38,8 @@ class DiffUNet(DiffusionMethod):
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__()
+        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
+        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
         self.num_classes = num_classes
         self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
                                        diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
@@ -48,6 +50,9 @@ class DiffUNet(DiffusionMethod):
         self.exclusive_labels = True
         self.eta = float(diffusion.get("eta", 0.0))
         self.loss_weights = diffusion.get("loss_weights", {"dice": 1.0, "bce": 1.0, "mse": 1.0})
+        #: probability that a training sample starts its forward process from the model's own x0 estimate
+        #: ("recycling", Fu et al. 2023) instead of the ground truth; 0 = the paper
+        self.recycling = float(diffusion.get("recycling", 0.0))
         self.denoiser = TimeUNet(input_channels + num_classes, num_classes, **arch_kwargs, time_embedding=True)
         enc_kwargs = {k: v for k, v in arch_kwargs.items() if k not in ("n_conv_per_stage_decoder",)}
         self.feature_encoder = UNetEncoder(input_channels, **enc_kwargs)
@@ -76,10 +81,11 @@ class DiffUNet(DiffusionMethod):
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """L = L_dice + L_bce + L_mse on x0 (Eq. 3). ``x0`` in {0,1}; the diffusion runs on 2 x0 - 1."""
         x0_scaled = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.process.q_sample(x0_scaled, t, noise)
+        x_start = self.recycled_start(image, x0_scaled, generator) if self.recycling > 0 else x0_scaled
+        x_t = self.process.q_sample(x_start, t, noise)
         logits = self(image, x_t, t)
         probs = torch.sigmoid(logits)
         w = self.loss_weights
@@ -88,6 +94,24 @@ class DiffUNet(DiffusionMethod):
         mse = masked_mean((logits_to_x0(logits) - x0_scaled) ** 2, mask)
         loss = w["dice"] * dice + w["bce"] * bce + w["mse"] * mse
         return {"loss": loss, "dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
+
+    @torch.no_grad()
+    def recycled_start(self, image: torch.Tensor, x0_scaled: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Recycling (Fu et al. 2023): the start x_start ``(B, N, *spatial)`` of q(x_t | x_start) for training.
+        Each sample is picked with probability ``recycling``; a picked one gets x0_hat = 2 sigmoid(DU(I, x_T, T-1)) - 1
+        from pure noise x_T ~ N(0, I), the estimate the first DDIM step of inference hands to the next (no
+        gradient), the others keep the ground truth 2 x0 - 1. The loss still targets the ground truth, so the
+        network learns to correct its own first guess, as it must at inference."""
+        b = x0_scaled.shape[0]
+        pick = torch.rand((b,), generator=generator, device=x0_scaled.device) < self.recycling
+        if not bool(pick.any()):
+            return x0_scaled
+        x_T = torch.randn(x0_scaled[pick].shape, generator=generator, device=x0_scaled.device, dtype=x0_scaled.dtype)
+        t_T = torch.full((x_T.shape[0],), self.process.timesteps - 1, device=x0_scaled.device, dtype=torch.long)
+        out = x0_scaled.clone()
+        out[pick] = logits_to_x0(self(image[pick], x_T, t_T)).to(out.dtype)
+        return out
 
     def benchmark_forward(self, image: torch.Tensor):
         features = self.feature_encoder(image)

@@ -65,7 +65,9 @@ class LDSeg(DiffusionMethod):
             ``latent_channels``, ``timesteps``, ``schedule``, ``loss_weights`` (``dice`` = gamma, ``mse`` = lambda),
             ``denoised_latent`` (``paper``: z_t - eps_hat, Eq. 12; ``x0``: the x0 estimate), ``x0_clip``, ``eta``,
             ``multiclass`` (``categorical``: softmax decoder, the paper; ``per_channel``: sigmoids for nnU-Net
-            regions; the planner resolves ``auto`` from dataset.json).
+            regions; the planner resolves ``auto`` from dataset.json), ``image_skips`` (the label decoder also sees
+            the image encoder's stage outputs; False is the paper's latent-only decoder), ``image_attention``
+            (the image encoder's self-attention, the paper's; True).
     """
 
     plans_name = "LDSegPlans"
@@ -73,6 +75,8 @@ class LDSeg(DiffusionMethod):
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__()
+        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
+        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
         arch_kwargs = resolve_arch_kwargs(arch_kwargs)
         fallback_latent, fallback_denoiser = latent_layout(arch_kwargs)
         self.latent_strides = [list(s) for s in diffusion.get("latent_strides") or fallback_latent]
@@ -101,8 +105,10 @@ class LDSeg(DiffusionMethod):
         cl = self.latent_channels
         self.label_encoder = LabelEncoder(arch_kwargs, num_classes, cl, self.latent_strides,
                                           diffusion.get("latent_norm", "instance"))
-        self.image_encoder = ImageEncoder(arch_kwargs, input_channels, cl, self.latent_strides)
-        self.label_decoder = LabelDecoder(arch_kwargs, num_classes, cl, self.latent_strides)
+        self.image_encoder = ImageEncoder(arch_kwargs, input_channels, cl, self.latent_strides,
+                                          attention=bool(diffusion.get("image_attention", True)))
+        self.image_skips = bool(diffusion.get("image_skips", False))
+        self.label_decoder = LabelDecoder(arch_kwargs, num_classes, cl, self.latent_strides, self.image_skips)
         self.denoiser = TimeUNet(2 * cl, cl, **self.denoiser_arch(arch_kwargs, len(self.latent_strides),
                                                                   denoiser_strides), time_embedding=True)
         self._targets_checked = False
@@ -148,9 +154,9 @@ class LDSeg(DiffusionMethod):
 
             handles = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, counted)]
             image = torch.empty(1, input_channels, *patch_size)
-            z_i = m.image_encoder(image)
+            z_i, skips = m.image_encoder(image, return_skips=True)
             z_l = m.label_encoder(torch.empty(1, num_classes, *patch_size))
-            m.label_decoder(m.denoiser(torch.cat([z_l, z_i], 1), torch.zeros(1, dtype=torch.long)))
+            m.label_decoder(m.denoiser(torch.cat([z_l, z_i], 1), torch.zeros(1, dtype=torch.long)), skips)
             for h in handles:
                 h.remove()
         return int(total[0])
@@ -159,6 +165,13 @@ class LDSeg(DiffusionMethod):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """z_i = f_image-enc(X) (Eq. 9): ``(B, M, *spatial)`` -> ``(B, C_l, *latent)``."""
         return self.image_encoder(image)
+
+    def condition(self, image: torch.Tensor):
+        """What one window's sampling needs of the image, computed once: ``(z_i, skips)``, z_i of Eq. 9 and, with
+        ``image_skips``, the image encoder's stage outputs for the label decoder (else None)."""
+        if self.image_skips:
+            return self.image_encoder(image, return_skips=True)
+        return self.image_encoder(image), None
 
     def encode_label(self, x0: torch.Tensor) -> torch.Tensor:
         """z_l(0) = f_label-enc(y) (Eq. 10), standardised per channel: ``(B, N, *spatial)`` -> ``(B, C_l, *latent)``."""
@@ -173,9 +186,10 @@ class LDSeg(DiffusionMethod):
         """Only the latent denoiser runs per step; the encoders run once per window, the decoder once per chain."""
         return [self.denoiser]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Class logits of f_label-dec (Eq. 13): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``."""
-        return self.label_decoder(z)
+    def decode(self, z: torch.Tensor, skips: list | None = None) -> torch.Tensor:
+        """Class logits of f_label-dec (Eq. 13): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``; ``skips`` from
+        :meth:`encode_image` (same batch as ``z``)."""
+        return self.label_decoder(z, skips)
 
     def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """y_hat: softmax over channels (``categorical``, the paper) or per-channel sigmoid (``per_channel``)."""
@@ -205,18 +219,18 @@ class LDSeg(DiffusionMethod):
     def network_forward(self, image: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """Class logits ``(B, N, *spatial)`` of one deterministic DDIM chain started at the prior's mode z_T = 0
         (for nnU-Net's plain ``network(x)`` calls; prediction uses :meth:`sample`)."""
-        z_i = self.encode_image(image)
+        z_i, skips = self.condition(image)
         z = self._ddim(torch.zeros_like(z_i), z_i, self.process.set_timesteps(steps or self.default_steps), None)
-        return self.decode(z)
+        return self.decode(z, skips)
 
     def benchmark_forward(self, image: torch.Tensor):
         """One sampler unit on ``image`` ``(1, M, *patch)`` with z_i precomputed: one denoiser step on the latent
         plus one full-resolution decoder pass. A sample costs ``steps`` denoiser passes and ONE decoder pass, so
         ``steps x samples`` units over-count the decoder (the dominant cost) by a factor of ``steps``."""
-        z_i = self.encode_image(image)
+        z_i, skips = self.condition(image)
         z = torch.randn(z_i.shape, device=image.device, dtype=z_i.dtype)
         t = torch.full((image.shape[0],), self.process.timesteps - 1, device=image.device, dtype=torch.long)
-        return lambda: self.decode(self.predict_noise(z, z_i, t))
+        return lambda: self.decode(self.predict_noise(z, z_i, t), skips)
 
     def _check_targets(self, x0: torch.Tensor):
         """Once: the softmax decoder needs mutually exclusive labels (one-hot, sums to 1), not regions."""
@@ -233,20 +247,20 @@ class LDSeg(DiffusionMethod):
         Ignored voxels enter the label encoder as all-zero (unknown) and are left out of every term."""
         self._check_targets(x0)
         z_l = self.encode_label(x0 if mask is None else x0 * mask)
-        z_i = self.encode_image(image)
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        z_i, skips = self.condition(image)
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
         if noise is None:
             noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
         z_d = z_l.detach() if self.latent_stop_gradient else z_l  # what the diffusion branch sees of z_l(0)
         z_t = self.process.q_sample(z_d, t, noise)
         output = self.predict_noise(z_t, z_i, t).float()
-        ce, dice = self.segmentation_loss(self.decode(self.denoise(z_t, output, t)), x0, mask)
+        ce, dice = self.segmentation_loss(self.decode(self.denoise(z_t, output, t), skips), x0, mask)
         target = self.process.training_target(z_d.float(), noise.float(), t)
         mse = masked_mean((output - target) ** 2, latent_mask(mask, z_l.shape[2:]))
         loss = self.w_ce * ce + self.gamma * dice + self.lam * mse
         terms = {"ce": ce.detach(), "dice": dice.detach(), "mse": mse.detach()}
         if self.w_ae > 0:  # auxiliary: the decoder also reconstructs the clean label latent
-            ae_ce, ae_dice = self.segmentation_loss(self.decode(z_l), x0, mask)
+            ae_ce, ae_dice = self.segmentation_loss(self.decode(z_l, skips), x0, mask)
             ae = self.w_ce * ae_ce + self.gamma * ae_dice
             loss, terms["autoencoder"] = loss + self.w_ae * ae, ae.detach()
         return {"loss": loss, **terms}
@@ -273,7 +287,7 @@ class LDSeg(DiffusionMethod):
         re-standardisation of the latent over the batch (unlike the public code)."""
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
-        z_i = self.encode_image(image)
+        z_i, skips = self.condition(image)
         noise = torch.randn((b, s, *z_i.shape[1:]), generator=generator, device=z_i.device, dtype=torch.float32)
         timesteps = self.process.set_timesteps(steps)
         chains = ChainStatistics(categorical=self.probabilities == "categorical", spread=return_uncertainty)
@@ -281,5 +295,7 @@ class LDSeg(DiffusionMethod):
             n = min(chunk, s - start)
             z = self._ddim(noise[:, start:start + n].reshape(b * n, *z_i.shape[1:]), z_i.repeat_interleave(n, 0),
                            timesteps, generator)
-            chains.add(self.to_probabilities(self.decode(z)).reshape(b, n, self.num_classes, *image.shape[2:]))
+            chain_skips = None if skips is None else [f.repeat_interleave(n, 0) for f in skips]
+            chains.add(self.to_probabilities(self.decode(z, chain_skips)).reshape(b, n, self.num_classes,
+                                                                                   *image.shape[2:]))
         return (chains.mean(), chains.map(uncertainty)) if return_uncertainty else chains.mean()

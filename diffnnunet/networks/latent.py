@@ -4,8 +4,9 @@
   per-channel standardisation (:class:`LatentStandardize`) so z_l(0) has mu 0, sigma 1 per channel (Eq. 10).
 * :class:`ImageEncoder`  f_image-enc: the same stages on the image, self-attention after its last two downsampling
   stages (:class:`SpatialSelfAttention`), to the same latent size (Eq. 9).
-* :class:`LabelDecoder`  f_label-dec: the mirrored stages (transposed convs, residual blocks, no skips) to class
-  logits (Eq. 13; the softmax is applied by the method).
+* :class:`LabelDecoder`  f_label-dec: the mirrored stages (transposed convs, residual blocks) to class logits
+  (Eq. 13; the softmax is applied by the method). No skips in the paper; with ``image_skips`` every decoder stage
+  also sees the image encoder's output of the same stage (the recipe: the detail a 16x latent cannot carry).
 
 Stages are nnU-Net's ``StackedResidualBlocks`` with the plans' conv/norm/nonlin ops and kernel sizes; which stages
 and strides form the latent downsampling is decided by :func:`latent_layout` (stored in the plans).
@@ -135,8 +136,16 @@ class _LatentEncoder(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.out = conv_op(ch, latent_channels, 1, 1, 0, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.stages(x))
+    def forward(self, x: torch.Tensor, return_skips: bool = False):
+        """The latent ``(B, latent_channels, *latent)``; with ``return_skips`` also the list of every stage's output
+        ``(B, features[i], *spatial / stride up to stage i)``, shallowest first."""
+        if not return_skips:
+            return self.out(self.stages(x))
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return self.out(x), skips
 
 
 #: how the label encoder standardises its latent: per sample (the paper's reading), over the batch, or not at all
@@ -165,26 +174,37 @@ class LabelEncoder(_LatentEncoder):
 
 class ImageEncoder(_LatentEncoder):
     """f_image-enc (Eq. 9): image ``(B, M, *spatial)`` -> z_i ``(B, C_l, *latent)``, with self-attention after the
-    last two downsampling stages (paper Sec. IV.B)."""
+    last two downsampling stages (paper Sec. IV.B; ``attention=False`` leaves it out)."""
 
-    def __init__(self, arch_kwargs: dict, input_channels: int, latent_channels: int, latent_strides):
+    def __init__(self, arch_kwargs: dict, input_channels: int, latent_channels: int, latent_strides,
+                 attention: bool = True):
         down = [i for i, s in enumerate(latent_strides) if any(v > 1 for v in s)]
-        super().__init__(arch_kwargs, input_channels, latent_channels, latent_strides, attention_stages=down[-2:])
+        super().__init__(arch_kwargs, input_channels, latent_channels, latent_strides,
+                         attention_stages=down[-2:] if attention else ())
 
 
 class LabelDecoder(nn.Module):
     """f_label-dec (Eq. 13): z ``(B, C_l, *latent)`` -> class logits ``(B, N, *spatial)``. The encoder's stages in
-    reverse, each residual blocks then a transposed conv undoing that stage's stride; no skip connections."""
+    reverse, each residual blocks then a transposed conv undoing that stage's stride; no skip connections in the
+    paper. With ``image_skips`` the residual blocks of decoder stage i take, concatenated to their input, the image
+    encoder's output of stage i (``ImageEncoder(..., return_skips=True)``, same resolution): a U-Net path from the
+    image into the decoder, so thin structures need not pass through the latent."""
 
-    def __init__(self, arch_kwargs: dict, num_classes: int, latent_channels: int, latent_strides):
+    def __init__(self, arch_kwargs: dict, num_classes: int, latent_channels: int, latent_strides,
+                 image_skips: bool = False):
         super().__init__()
         kw = resolve_arch_kwargs(arch_kwargs)
         conv_op, common = kw["conv_op"], _common_kwargs(kw)
         transp = get_matching_convtransp(conv_op)
         features, kernels, blocks = stage_settings(arch_kwargs, len(latent_strides))
+        self.image_skips = bool(image_skips)
+        self._skip_stage = {}  # index in self.blocks -> the encoder stage whose output it concatenates
         layers, ch = [], latent_channels
         for i in reversed(range(len(latent_strides))):
-            layers.append(StackedResidualBlocks(blocks[i], conv_op, ch, features[i], kernels[i], 1, **common))
+            if self.image_skips:
+                self._skip_stage[len(layers)] = i
+            extra = features[i] if self.image_skips else 0
+            layers.append(StackedResidualBlocks(blocks[i], conv_op, ch + extra, features[i], kernels[i], 1, **common))
             ch = features[i]
             stride = latent_strides[i]
             if any(s > 1 for s in stride):
@@ -194,5 +214,14 @@ class LabelDecoder(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.head = conv_op(ch, num_classes, 1, 1, 0, bias=True)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(z))
+    def forward(self, z: torch.Tensor, skips: list | None = None) -> torch.Tensor:
+        """``skips``: the image encoder's stage outputs (shallowest first), required with ``image_skips``."""
+        if not self.image_skips:
+            return self.head(self.blocks(z))
+        if skips is None:
+            raise ValueError("this label decoder was built with image_skips: pass the image encoder's stage outputs")
+        for index, layer in enumerate(self.blocks):
+            if index in self._skip_stage:
+                z = torch.cat([z, skips[self._skip_stage[index]].to(z.dtype)], dim=1)
+            z = layer(z)
+        return self.head(z)

@@ -56,12 +56,15 @@ DEFAULT_DIFFUSION = {
         # the recipe (documentation/ldseg.md, "Why LDSeg lagged"); the paper's values are in paper_recipe
         "prediction": "x0", "latent_norm": "instance", "latent_stop_gradient": True,
         "latent_downsampling": 16, "min_latent_size": RECIPE_MIN_LATENT_SIZE,
+        # the label decoder also sees the image encoder's stage outputs (a U-Net path; ldseg.md, "Image skips")
+        "image_skips": True,
         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 1.0},
         "validation_sampling_steps": 2, "validation_samples": 1,
         # recipe "paper" (training_recipe writes these keys over the ones above): the paper's LDSeg
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5,
                                        "warmup_fraction": 0.1},
                          "prediction": "eps", "latent_stop_gradient": False, "min_latent_size": 2,
+                         "image_skips": False,
                          "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0}},
         "seed": 12345,
     },
