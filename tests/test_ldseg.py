@@ -76,8 +76,10 @@ def test_defaults_follow_the_paper_plus_the_recipe():
     assert (d["schedule"], d["timesteps"], d["sampling_steps"]) == ("cosine", 1000, 2)
     assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
     # the recipe's departures (documentation/ldseg.md); a module built without them is the paper's
-    assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", True, 1.0)
+    # joint training as in the paper (the stop-gradient and auto-encoder levers stay plans keys, off)
+    assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", False, 0.0)
     assert d["image_skips"] is True and d["paper_recipe"]["image_skips"] is False
+    assert d["image_attention"] is False and d["paper_recipe"]["image_attention"] is True
     paper = _model(ARCH_2D_TINY, (16, 16))
     assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
     assert not paper.image_skips and not paper.label_decoder.image_skips
@@ -88,6 +90,7 @@ def test_defaults_follow_the_paper_plus_the_recipe():
     assert (m.process.prediction, m.latent_stop_gradient, m.w_ae, total_stride(m.latent_strides)) == (
         "eps", False, 0.0, [16, 16])
     assert not m.image_skips
+    assert any(isinstance(x, torch.nn.MultiheadAttention) for x in m.image_encoder.modules())  # the paper's
 
 
 # -- networks --------------------------------------------------------------------------------------------------------
@@ -298,6 +301,19 @@ def test_image_skips_sample_training_and_plain_forward(arch, spatial):
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and "autoencoder" in out
     assert m.image_encoder.stages[0][0].blocks[0].conv1.conv.weight.grad.abs().sum() > 0
+
+
+def test_default_recipe_trains_every_parameter():
+    """The recipe's joint training reaches all four networks (label encoder through z_t and the MSE target): no
+    parameter without a gradient, which DistributedDataParallel (find_unused_parameters False) requires."""
+    plan = {"patch_size": [32, 32], "architecture": {"arch_kwargs": ARCH_2D_TINY}}
+    settings = LDSeg.configure_plans({k: v for k, v in DEFAULT_DIFFUSION["ldseg"].items() if k != "paper_recipe"},
+                                     plan)
+    m = LDSeg(ARCH_2D_TINY, 1, 3, settings).train()
+    out = m.training_loss(torch.randn(2, 1, 32, 32), _onehot((32, 32)), generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing and not LDSeg.ddp_find_unused_parameters
 
 
 def test_image_skips_sampler_seeded_regression():
