@@ -82,6 +82,17 @@ class DiffusionMethod(nn.Module):
     #: DDP's ``find_unused_parameters``: True for a method whose loss leaves some parameters out of a step
     ddp_find_unused_parameters = False
 
+    def __init__(self, diffusion: dict | None = None):
+        """``diffusion``: the plans' section; the base reads the keys every method shares (``timestep_bias``)."""
+        super().__init__()
+        #: training timesteps biased to the noisy end (0 = uniform; :meth:`training_timesteps`)
+        self.timestep_bias = float((diffusion or {}).get("timestep_bias", 0.0))
+
+    def training_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The timesteps ``(B,)`` of a training step: ``self.process.sample_timesteps`` with the plans'
+        ``timestep_bias`` (uniform for 0, density ~ t^bias otherwise)."""
+        return self.process.sample_timesteps(batch_size, device, generator, self.timestep_bias)
+
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
         """Feature-map elements of the whole method network for one sample (the planner's VRAM proxy)."""

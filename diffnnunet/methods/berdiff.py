@@ -48,9 +48,7 @@ class BerDiff(DiffusionMethod):
     probabilities = "categorical"
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
-        super().__init__()
-        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
-        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
+        super().__init__(diffusion)
         self.num_classes = int(num_classes)
         self.multiclass = diffusion.get("multiclass", "auto")
         if self.multiclass not in MULTICLASS_MODES:
@@ -137,7 +135,7 @@ class BerDiff(DiffusionMethod):
         ``(B, N, *sp)`` in {0, 1}."""
         self._observe_targets(x0)
         proc = self.process
-        t = proc.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         noise = proc.sample_noise(x0, t, generator) if noise is None else noise
         y_t = proc.q_sample(x0, t, noise)
         logits = self(image, y_t, t)

@@ -82,9 +82,7 @@ class CDAL(DiffusionMethod):
     ddp_find_unused_parameters = True
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
-        super().__init__()
-        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
-        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
+        super().__init__(diffusion)
         self.num_classes = int(num_classes)
         self.process = GaussianProcess(diffusion.get("timesteps", 2), diffusion.get("schedule", "vp"),
                                        diffusion.get("beta_start", 0.1), diffusion.get("beta_end", 20.0),
@@ -179,7 +177,7 @@ class CDAL(DiffusionMethod):
         fake pair (x_hat_{t-1} ~ q(x_{t-1} | x_t, x0_hat), x_t) labelled 0 (Eq. 2), binary cross-entropy.
         ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}; ``mask`` is not used (D judges whole maps)."""
         x0s = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         x_prev, x_t = self._real_pair(x0s, t, generator)
         with torch.no_grad():
             x0_hat, _ = self.predict_x0(image, x_t, t, self.draw_z(x0.shape[0], x0.device, generator))
@@ -197,7 +195,7 @@ class CDAL(DiffusionMethod):
         Without ``attention`` x0_att = x0 (the paper's 'w/o Attention' ablation)."""
         x0s = 2 * x0 - 1
         b = x0.shape[0]
-        t = self.process.sample_timesteps(b, x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(b, x0.device, generator) if t is None else t
         x0_att = x0s
         if self.use_attention:
             x_prev, x_t = self._real_pair(x0s, t, generator)

@@ -37,9 +37,7 @@ class DiffUNet(DiffusionMethod):
     """
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
-        super().__init__()
-        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
-        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
+        super().__init__(diffusion)
         self.num_classes = num_classes
         self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
                                        diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
@@ -81,7 +79,7 @@ class DiffUNet(DiffusionMethod):
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """L = L_dice + L_bce + L_mse on x0 (Eq. 3). ``x0`` in {0,1}; the diffusion runs on 2 x0 - 1."""
         x0_scaled = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_start = self.recycled_start(image, x0_scaled, generator) if self.recycling > 0 else x0_scaled

@@ -74,9 +74,7 @@ class LDSeg(DiffusionMethod):
     probabilities = "categorical"
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
-        super().__init__()
-        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
-        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
+        super().__init__(diffusion)
         arch_kwargs = resolve_arch_kwargs(arch_kwargs)
         fallback_latent, fallback_denoiser = latent_layout(arch_kwargs)
         self.latent_strides = [list(s) for s in diffusion.get("latent_strides") or fallback_latent]
@@ -188,7 +186,7 @@ class LDSeg(DiffusionMethod):
 
     def decode(self, z: torch.Tensor, skips: list | None = None) -> torch.Tensor:
         """Class logits of f_label-dec (Eq. 13): ``(B, C_l, *latent)`` -> ``(B, N, *spatial)``; ``skips`` from
-        :meth:`encode_image` (same batch as ``z``)."""
+        :meth:`condition` (same batch as ``z``)."""
         return self.label_decoder(z, skips)
 
     def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -248,7 +246,7 @@ class LDSeg(DiffusionMethod):
         self._check_targets(x0)
         z_l = self.encode_label(x0 if mask is None else x0 * mask)
         z_i, skips = self.condition(image)
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
         z_d = z_l.detach() if self.latent_stop_gradient else z_l  # what the diffusion branch sees of z_l(0)

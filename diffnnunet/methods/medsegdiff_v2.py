@@ -84,9 +84,7 @@ class MedSegDiffV2(DiffusionMethod):
     probabilities = "per_channel"  # STAPLE posteriors, one per channel
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
-        super().__init__()
-        #: training timesteps biased to the noisy end (GaussianProcess.sample_timesteps; 0 = uniform)
-        self.timestep_bias = float(diffusion.get("timestep_bias", 0.0))
+        super().__init__(diffusion)
         arch = resolve_arch_kwargs(arch_kwargs)
         self.num_classes = int(num_classes)
         self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
@@ -199,7 +197,7 @@ class MedSegDiffV2(DiffusionMethod):
         {0, 1} ``(B, N, *sp)``; the diffusion runs on 2 x0 - 1. With ``prediction: x0`` (the default recipe) the
         Diffusion Model regresses x_0 instead: L_n = ||x_0 - x0_theta||^2."""
         x0_scaled = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator, self.timestep_bias) if t is None else t
+        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.process.q_sample(x0_scaled, t, noise)
