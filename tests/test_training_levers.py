@@ -99,3 +99,25 @@ def test_recycling_off_or_unpicked_keeps_the_ground_truth(arch, spatial):
     start = m.recycled_start(image, x0s, torch.Generator().manual_seed(0))
     torch.testing.assert_close(start[1], x0s[1])
     assert not torch.equal(start[0], x0s[0]) and float(start[0].abs().max()) <= 1.0
+
+
+def test_aux_head_adds_bce_and_dice_of_the_feature_encoders_finest_stage(arch, spatial):
+    """aux_head_weight w: L = L_dice + L_bce + L_mse (Eq. 3) + w (Dice + BCE) of a 1x1 head on FE(I)'s first stage."""
+    image = torch.randn(2, 2, *spatial)
+    x0, _ = encode_target(torch.randint(0, 3, (2, 1, *spatial)).float(), 3, has_regions=False, ignore_label=None)
+    t, noise = torch.tensor([10, 700]), torch.randn(2, 3, *spatial)
+    plain = _diff_unet(arch)
+    m = _diff_unet(arch, aux_head_weight=0.5)
+    assert not hasattr(plain, "aux_head") and m.aux_head.out_channels == 3
+    m.load_state_dict({**plain.state_dict(), **{f"aux_head.{k}": v for k, v in m.aux_head.state_dict().items()}})
+    ref = plain.training_loss(image, x0, None, t=t, noise=noise)
+    got = m.training_loss(image, x0, None, t=t, noise=noise)
+    aux_logits = m.aux_head(m.feature_encoder(image)[0])
+    p = torch.sigmoid(aux_logits)
+    axes = [0] + list(range(2, p.ndim))
+    dice = 1 - ((2 * (p * x0).sum(axes) + 1e-5) / (p.sum(axes) + x0.sum(axes) + 1e-5)).mean()
+    bce = -(x0 * torch.log(p) + (1 - x0) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(got["aux"], dice + bce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss"], ref["loss"] + 0.5 * (dice + bce), atol=1e-5, rtol=1e-5)
+    got["loss"].backward()
+    assert m.aux_head.weight.grad.abs().sum() > 0

@@ -54,6 +54,11 @@ class DiffUNet(DiffusionMethod):
         self.denoiser = TimeUNet(input_channels + num_classes, num_classes, **arch_kwargs, time_embedding=True)
         enc_kwargs = {k: v for k, v in arch_kwargs.items() if k not in ("n_conv_per_stage_decoder",)}
         self.feature_encoder = UNetEncoder(input_channels, **enc_kwargs)
+        #: weight of an auxiliary deterministic head (a 1x1 conv to N logits on the feature encoder's finest stage,
+        #: BCE + Dice against the labels, training only); 0 = the paper, and no head is built
+        self.aux_weight = float(diffusion.get("aux_head_weight", 0.0))
+        if self.aux_weight > 0:
+            self.aux_head = self.feature_encoder.conv_op(self.feature_encoder.features[0], num_classes, 1, 1, 0)
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
@@ -84,14 +89,23 @@ class DiffUNet(DiffusionMethod):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_start = self.recycled_start(image, x0_scaled, generator) if self.recycling > 0 else x0_scaled
         x_t = self.process.q_sample(x_start, t, noise)
-        logits = self(image, x_t, t)
-        probs = torch.sigmoid(logits)
+        features = self.feature_encoder(image)
+        logits = self(image, x_t, t, features)
         w = self.loss_weights
-        dice = soft_dice_loss(probs, x0, mask)
-        bce = masked_mean(F.binary_cross_entropy_with_logits(logits, x0, reduction="none"), mask)
+        dice, bce = self._dice_bce(logits, x0, mask)
         mse = masked_mean((logits_to_x0(logits) - x0_scaled) ** 2, mask)
         loss = w["dice"] * dice + w["bce"] * bce + w["mse"] * mse
-        return {"loss": loss, "dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
+        terms = {"dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
+        if self.aux_weight > 0:  # deep supervision of the conditioning encoder
+            aux = sum(self._dice_bce(self.aux_head(features[0]), x0, mask))
+            loss, terms["aux"] = loss + self.aux_weight * aux, aux.detach()
+        return {"loss": loss, **terms}
+
+    @staticmethod
+    def _dice_bce(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None):
+        """(soft Dice loss of sigmoid(logits), masked BCE) against ``x0`` in {0, 1}, ``(B, N, *spatial)``."""
+        bce = masked_mean(F.binary_cross_entropy_with_logits(logits, x0, reduction="none"), mask)
+        return soft_dice_loss(torch.sigmoid(logits), x0, mask), bce
 
     @torch.no_grad()
     def recycled_start(self, image: torch.Tensor, x0_scaled: torch.Tensor,
