@@ -251,18 +251,21 @@ def test_image_encoder_runs_once_per_window(arch, spatial):
     assert torch.count_nonzero(one) == 0  # no spread from one chain
 
 
-def test_sampler_seeded_regression():
-    """Pinned output of the 2-step DDIM sampler with 3 chains (guards process, clipping, decoder, aggregation)."""
+#: pinned outputs of the sampler test below: the paper's latent-only decoder and the recipe's image skips
+REGRESSION = {False: [0.3889, 0.3578, 0.0704], True: [0.4251, 0.28, 0.0153]}
+
+
+@pytest.mark.parametrize("image_skips", [False, True], ids=["latent_only", "image_skips"])
+def test_sampler_seeded_regression(image_skips):
+    """Pinned output of the 2-step DDIM sampler with 3 chains (guards process, clipping, decoder with or without
+    the skip path, aggregation)."""
     from tests.conftest import ARCH_2D
-    m = _model(ARCH_2D, (16, 16), channels=1, classes=3)
+    m = _model(ARCH_2D, (16, 16), channels=1, classes=3, image_skips=image_skips)
     x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
     probs, unc = m.sample(x, steps=2, samples=3, generator=torch.Generator().manual_seed(0),
                           return_uncertainty=True, uncertainty="std")
     got = [round(v, 4) for v in (probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item())]
-    assert got == pytest.approx(REGRESSION, abs=2e-4)
-
-
-REGRESSION = [0.3889, 0.3578, 0.0704]
+    assert got == pytest.approx(REGRESSION[image_skips], abs=2e-4)
 
 
 # -- image skips into the label decoder (the recipe; documentation/ldseg.md, "Image skips") -------------------------
@@ -314,20 +317,6 @@ def test_default_recipe_trains_every_parameter():
     out["loss"].backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert not missing and not LDSeg.ddp_find_unused_parameters
-
-
-def test_image_skips_sampler_seeded_regression():
-    """Pinned 2-step DDIM output with image skips (3 chains): guards the skip path of the decoder."""
-    from tests.conftest import ARCH_2D
-    m = _model(ARCH_2D, (16, 16), channels=1, classes=3, image_skips=True)
-    x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
-    probs, unc = m.sample(x, steps=2, samples=3, generator=torch.Generator().manual_seed(0),
-                          return_uncertainty=True, uncertainty="std")
-    got = [round(v, 4) for v in (probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item())]
-    assert got == pytest.approx(SKIPS_REGRESSION, abs=2e-4)
-
-
-SKIPS_REGRESSION = [0.4251, 0.28, 0.0153]
 
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------
