@@ -87,9 +87,9 @@ class DiffUNet(DiffusionMethod):
         t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_start = self.recycled_start(image, x0_scaled, generator) if self.recycling > 0 else x0_scaled
-        x_t = self.process.q_sample(x_start, t, noise)
         features = self.feature_encoder(image)
+        x_start = self.recycled_start(image, x0_scaled, generator, features) if self.recycling > 0 else x0_scaled
+        x_t = self.process.q_sample(x_start, t, noise)
         logits = self(image, x_t, t, features)
         w = self.loss_weights
         dice, bce = self._dice_bce(logits, x0, mask)
@@ -109,12 +109,13 @@ class DiffUNet(DiffusionMethod):
 
     @torch.no_grad()
     def recycled_start(self, image: torch.Tensor, x0_scaled: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, features=None) -> torch.Tensor:
         """Recycling (Fu et al. 2023): the start x_start ``(B, N, *spatial)`` of q(x_t | x_start) for training.
         Each sample is picked with probability ``recycling``; a picked one gets x0_hat = 2 sigmoid(DU(I, x_T, T-1)) - 1
         from pure noise x_T ~ N(0, I), the estimate the first DDIM step of inference hands to the next (no
         gradient), the others keep the ground truth 2 x0 - 1. The loss still targets the ground truth, so the
-        network learns to correct its own first guess, as it must at inference."""
+        network learns to correct its own first guess, as it must at inference. ``features``: FE(I) when the caller
+        already has them (training_loss), so the feature encoder does not run twice."""
         b = x0_scaled.shape[0]
         pick = torch.rand((b,), generator=generator, device=x0_scaled.device) < self.recycling
         if not bool(pick.any()):
@@ -122,7 +123,8 @@ class DiffUNet(DiffusionMethod):
         x_T = torch.randn(x0_scaled[pick].shape, generator=generator, device=x0_scaled.device, dtype=x0_scaled.dtype)
         t_T = torch.full((x_T.shape[0],), self.process.timesteps - 1, device=x0_scaled.device, dtype=torch.long)
         out = x0_scaled.clone()
-        out[pick] = logits_to_x0(self(image[pick], x_T, t_T)).to(out.dtype)
+        picked = None if features is None else [f[pick] for f in features]
+        out[pick] = logits_to_x0(self(image[pick], x_T, t_T, picked)).to(out.dtype)
         return out
 
     def benchmark_forward(self, image: torch.Tensor):
