@@ -80,7 +80,8 @@ def _tune(trainer_name: str, device, dataset: str = f"Dataset{DATASET_ID}_ICBM15
         f"tuned on {s['cases']} validation slices: {s['sampling_steps']} steps x {s['samples_per_step']} samples "
         f"(validation Dice {s['dice']:.4f}, best {s['best']['dice']:.4f} at {s['best']['steps']} x "
         f"{s['best']['samples']}); temperature {cal['temperature']:.3f}, validation ECE {cal['ece_before']:.4f} -> "
-        f"{cal['ece_after']:.4f}" + (f"; error map, validation AUROC {cal['error_map']['auroc_before']:.4f} -> "
+        f"{cal['ece_after']:.4f}" + (f"; error map of the {cal['error_map'].get('inputs', 'map')} input(s), validation "
+                                      f"AUROC {cal['error_map']['auroc_before']:.4f} (raw map) -> "
                                       f"{cal['error_map']['auroc_after']:.4f}" if cal.get("error_map") else ""))
 
 

@@ -179,3 +179,111 @@ def test_predictor_writes_the_error_map_only_for_its_measure():
     assert torch.equal(ours._apply_error_map(out), out)
     ours.uncertainty_override, ours.raw_uncertainty = None, True
     assert torch.equal(ours._apply_error_map(out), out)
+
+
+# -- the error map's second input: the exported probabilities' margin ----------------------------------------------
+def test_exported_margin_by_hand():
+    """Labels: softmax(log(0.5, 0.3, 0.2)) = (0.5, 0.3, 0.2), margin 0.2, h = 0.8; a certain voxel h = 0.
+    Regions: sigmoid(0) = 1/2 -> 1 - |0| = 1; sigmoid(ln 3) = 3/4 -> 1 - 1/2 = 1/2; mean of the two = 3/4."""
+    from diffnnunet.inference.calibration import exported_margin
+    z = torch.log(torch.tensor([[0.5, 1.0], [0.3, 1e-9], [0.2, 1e-9]])).reshape(3, 1, 2)
+    np.testing.assert_allclose(exported_margin(z, False).numpy(), [[0.8, 0.0]], atol=1e-6)
+    regions = torch.tensor([0.0, math.log(3)]).reshape(2, 1, 1, 1)  # 3D spatial: (R, 1, 1, 1)
+    got = exported_margin(regions, True)
+    assert got.shape == (1, 1, 1)
+    assert float(got) == pytest.approx(0.75, abs=1e-6)
+
+
+def test_combination_recovers_logistic_weights_and_keeps_them_non_negative():
+    """Wrong ~ Bernoulli(sigmoid(-1 + 0.5 x1 + 1.5 x2)): the bounded fit finds the weights (large n, tiny L2);
+    with a true weight of -1 on x1 the bound holds it at 0; all voxels right: the start (0, 1, 0)."""
+    from diffnnunet.inference.calibration import _fit_combination
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200_000, 2))
+    wrong = rng.uniform(size=len(x)) < 1 / (1 + np.exp(-(-1 + 0.5 * x[:, 0] + 1.5 * x[:, 1])))
+    np.testing.assert_allclose(_fit_combination(x, wrong), [-1, 0.5, 1.5], atol=0.05)
+    wrong = rng.uniform(size=len(x)) < 1 / (1 + np.exp(-(-1 - 1.0 * x[:, 0] + 1.5 * x[:, 1])))
+    w = _fit_combination(x, wrong)
+    assert w[1] == 0.0 and w[2] > 1.0
+    assert _fit_combination(x, np.zeros(len(x), bool)) == [0.0, 1.0, 0.0]
+
+
+def test_choose_inputs_by_hand():
+    from diffnnunet.inference.calibration import choose_inputs
+    assert choose_inputs({"map": 0.90, "confidence": 0.92, "both": 0.921}) == "confidence"  # +0.001: not enough
+    assert choose_inputs({"map": 0.93, "confidence": 0.92, "both": 0.9325}) == "both"  # +0.0025 > 0.002
+    assert choose_inputs({"map": 0.92, "confidence": 0.92, "both": 0.90}) == "map"  # a tie goes to the map
+
+
+@pytest.mark.parametrize("source", ["map", "confidence", "both"])
+def test_error_map_picks_the_input_that_explains_the_errors(source):
+    """Errors driven by the chains' map u only, by the margin h only, or half by each (two independent error
+    sources): the fit picks that input, and its map finds the held-out errors at least as well as either input
+    alone; without h at apply time the map falls back to e'_c(u)."""
+    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
+    rng = np.random.default_rng(3)
+    n = 40_000
+    labels = rng.integers(0, 3, n)
+    u, h = rng.uniform(size=n), rng.uniform(size=n)
+    p_u, p_h = 0.4 * u ** 3, 0.4 * h ** 3
+    p = {"map": p_u, "confidence": p_h, "both": 1 - (1 - p_u) * (1 - p_h)}[source]
+    wrong = rng.uniform(size=n) < p
+    half = slice(0, n // 2)
+    fit = fit_error_map([(labels[half], u[half], wrong[half], h[half])], "entropy")
+    assert fit["inputs"] == source
+    test = slice(n // 2, n)
+
+    def auroc(x):
+        return auroc_from_histograms(uncertainty_counts(x, wrong[test])["counts"])
+    mapped = apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]), fit,
+                             torch.from_numpy(h[test])).numpy()
+    assert auroc(mapped) >= max(auroc(u[test]), auroc(h[test])) - 0.005
+    without_h = apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]), fit).numpy()
+    fit_u = fit_error_map([(labels[half], u[half], wrong[half])], "entropy")
+    np.testing.assert_allclose(without_h, apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]),
+                                                          fit_u).numpy(), rtol=1e-6)
+
+
+def test_predictor_feeds_the_exported_margin_to_the_error_map():
+    """A fit whose inputs are the margin: the written map is g'_c(h) at the margin of the exported logits, not a
+    function of the chains' map."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from diffnnunet.inference.calibration import _curve_value, exported_margin
+    from tests.test_inference import _predictors
+    _, ours = _predictors(2)
+    ours.label_manager = LabelManager({"background": 0, "a": 1}, None)
+    rng = np.random.default_rng(0)
+    labels, u, h = rng.integers(0, 2, 4000), rng.uniform(size=4000), rng.uniform(size=4000)
+    wrong = rng.uniform(size=4000) < h ** 2
+    fit = fit_error_map([(labels, u, wrong, h)], "entropy")
+    assert fit["inputs"] == "confidence"
+    ours.diffusion.update(uncertainty="entropy", error_map=fit)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.5, 3.0]]).reshape(2, 1, 3)
+    out = torch.cat([logits, torch.full((1, 1, 3), 0.5)])
+    got = ours._apply_error_map(out)[2, 0].numpy()
+    hm = exported_margin(logits, False)[0].numpy().astype(np.float64)
+    seg = logits.argmax(0)[0].numpy()
+    expected = [_curve_value(fit["confidence"]["labels"][str(c)], np.array([x]))[0] for c, x in zip(seg, hm)]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_sampling_json_with_a_broken_combination_is_refused(tmp_path):
+    """A stored error map with two inputs loads; one whose weights are not 3 finite numbers, or whose margin curve
+    has knots without values, stops with the file's name."""
+    import json
+
+    from diffnnunet.inference.tuning import load_tuned_sampling
+    rng = np.random.default_rng(0)
+    labels, u, h = rng.integers(0, 2, 2000), rng.uniform(size=2000), rng.uniform(size=2000)
+    fit = fit_error_map([(labels, u, rng.uniform(size=2000) < h, h)], "entropy")
+    good = {"sampling_steps": 2, "samples_per_step": 2, "calibration": {"temperature": 1.0, "error_map": fit}}
+    (tmp_path / "sampling.json").write_text(json.dumps(good))
+    assert load_tuned_sampling(str(tmp_path))["error_map"]["inputs"] == fit["inputs"]
+    for broken in ({"combine": {**fit["combine"], "0": [0.0, float("nan"), 1.0]}},
+                   {"confidence": {**fit["confidence"], "pooled": {"u": [0.1, 0.2], "error": [0.1]}}}):
+        bad = json.loads(json.dumps(good))
+        bad["calibration"]["error_map"].update(broken)
+        (tmp_path / "sampling.json").write_text(json.dumps(bad))
+        with pytest.raises(RuntimeError, match="sampling.json: unreadable"):
+            load_tuned_sampling(str(tmp_path))

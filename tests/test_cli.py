@@ -256,6 +256,8 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
     assert cal["temperature"] > 0 and cal["ece_after"] <= cal["ece_before"] + 1e-12 and cal["voxels"] > 0
     assert cal["error_map"]["measure"] == "mutual_information"  # Diff-UNet's plans measure
+    assert cal["error_map"]["inputs"] in ("map", "confidence", "both")  # and the exported margin's curves
+    assert set(cal["error_map"]["combine"]) == {"pooled", *cal["error_map"]["labels"]}
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", str(tmp_path / "pred"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
                   "-device", "cpu", "--save_uncertainty"])

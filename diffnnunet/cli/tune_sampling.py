@@ -73,8 +73,10 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
               f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} ({cal['voxels']} voxels)")
         if cal.get("error_map"):
             em = cal["error_map"]
-            print(f"error map of the {em['measure']} map: validation AUROC {em['auroc_before']:.4f} -> "
-                  f"{em['auroc_after']:.4f}")
+            inputs = {"map": f"the {em['measure']} map", "confidence": "the exported probabilities' margin",
+                      "both": f"the {em['measure']} map and the exported probabilities' margin"}
+            print(f"error map of {inputs[em.get('inputs', 'map')]}: validation AUROC {em['auroc_before']:.4f} "
+                  f"(raw map) -> {em['auroc_after']:.4f}")
     return summary
 
 

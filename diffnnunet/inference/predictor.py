@@ -306,15 +306,17 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def _apply_error_map(self, out: torch.Tensor) -> torch.Tensor:
         """The tuned error map (``sampling.json``) over the native map channel of ``out`` ``(heads + 1, *sp)``, when
-        it was fitted for the measure being written and ``raw_uncertainty`` is off."""
+        it was fitted for the measure being written and ``raw_uncertainty`` is off; its second input is the
+        margin of the exported (temperature-scaled) probabilities of ``out[:heads]``."""
         heads = self.label_manager.num_segmentation_heads
         error_map = (self.diffusion or {}).get("error_map")
         if (self.raw_uncertainty or not error_map or out.shape[0] != heads + 1
                 or error_map.get("measure") != self.uncertainty_measure):
             return out
-        from diffnnunet.inference.calibration import apply_error_map
+        from diffnnunet.inference.calibration import apply_error_map, exported_margin
         seg = self.label_manager.convert_logits_to_segmentation(out[:heads].float())
-        mapped = apply_error_map(out[heads], seg, error_map).to(out.dtype)
+        confidence = exported_margin(out[:heads], self.label_manager.has_regions)  # logits already / T
+        mapped = apply_error_map(out[heads], seg, error_map, confidence).to(out.dtype)
         return torch.cat([out[:heads], mapped[None]])
 
     def _predict_folds(self, data: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,15 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
                 raise ValueError(f"temperature {out['temperature']} is not > 0")
             error_map = tuned["calibration"].get("error_map")
             if error_map:
-                for curve in [error_map["pooled"], *error_map["labels"].values()]:
+                curves = [error_map["pooled"], *error_map["labels"].values()]
+                if "combine" in error_map:
+                    g = error_map["confidence"]
+                    curves += [g["pooled"], *g["labels"].values()]
+                    if any(len(w) != 3 or not all(np.isfinite(w)) for w in error_map["combine"].values()):
+                        raise ValueError("error_map: combine weights are not 3 finite numbers")
+                    if "pooled" not in error_map["combine"]:
+                        raise ValueError("error_map: combine has no pooled weights")
+                for curve in curves:
                     if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
                         raise ValueError("error_map: knots and values differ in length")
                 out["error_map"] = error_map
@@ -109,13 +117,15 @@ def _predict(predictor, data: torch.Tensor, steps: int, samples: int) -> torch.T
 
 def _calibrate(passes: list, steps: int, samples: int) -> dict:
     """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case)
-    and, when the sampler writes a native map, the error map of that map (``error_map``;
-    :func:`~diffnnunet.inference.calibration.fit_error_map`) with the validation AUROC before and after."""
+    and, when the sampler writes a native map, the error map of that map and of the exported probabilities'
+    margin at the fitted temperature (``error_map``; :func:`~diffnnunet.inference.calibration.fit_error_map`) with
+    the validation AUROC before (the raw map) and after."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
     from diffnnunet.inference.calibration import (
         apply_error_map,
         calibrate,
         error_voxels,
+        exported_margin,
         fit_error_map,
         sample_voxels,
     )
@@ -132,12 +142,16 @@ def _calibrate(passes: list, steps: int, samples: int) -> dict:
             if out.shape[0] > heads:
                 pred = lm.convert_logits_to_segmentation(out[:heads].float())
                 pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-                maps.append(error_voxels(pred, out[-1].float().numpy(), ref, lm, rng))
-    result = calibrate(voxels, passes[0][0].label_manager.has_regions)
+                maps.append(error_voxels(pred, out[-1].float().numpy(), ref, lm, rng, logits=out[:heads]))
+    has_regions = passes[0][0].label_manager.has_regions
+    result = calibrate(voxels, has_regions)
     if maps and any(m[2].any() for m in maps) and not all(m[2].all() for m in maps):
+        # the exported probabilities' margin at the fitted temperature: the error map's second input
+        maps = [(*m[:3], exported_margin(torch.from_numpy(m[3].T) / result["temperature"], has_regions).numpy())
+                for m in maps]
         fit = fit_error_map(maps, passes[0][0].uncertainty_measure)
-        labels, u, wrong = (np.concatenate([m[i] for m in maps]) for i in range(3))
-        after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit).numpy()
+        labels, u, wrong, h = (np.concatenate([m[i] for m in maps]) for i in range(4))
+        after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit, torch.from_numpy(h)).numpy()
         fit["auroc_before"] = auroc_from_histograms(uncertainty_counts(u, wrong)["counts"])
         fit["auroc_after"] = auroc_from_histograms(uncertainty_counts(after, wrong)["counts"])
         result["error_map"] = fit
