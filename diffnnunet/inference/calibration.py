@@ -206,6 +206,7 @@ def _fit_combination(x: np.ndarray, wrong: np.ndarray) -> list:
     log loss plus :data:`COMBINE_L2` sum_j wj^2 with wj >= 0 for j >= 1 (L-BFGS-B, started at the first input
     alone: w = (0, 1, 0, ...)). All voxels right or all wrong: that start, i.e. the first curve unchanged."""
     from scipy.optimize import minimize
+    from scipy.special import expit
     k = x.shape[1]
     start = np.r_[0.0, 1.0, np.zeros(k - 1)]
     if wrong.all() or not wrong.any():
@@ -217,7 +218,7 @@ def _fit_combination(x: np.ndarray, wrong: np.ndarray) -> list:
         s = xb @ w
         log_p = -np.logaddexp(0, -s)  # log sigmoid(s)
         log_q = -np.logaddexp(0, s)
-        prob = 1 / (1 + np.exp(-s))
+        prob = expit(s)
         value = -np.mean(y * log_p + (1 - y) * log_q) + COMBINE_L2 * np.sum(w[1:] ** 2)
         grad = xb.T @ (prob - y) / len(y) + np.r_[0.0, 2 * COMBINE_L2 * w[1:]]
         return value, grad
@@ -279,6 +280,7 @@ def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error
     predicted label c (the pooled curve for a label without one), constant beyond the end knots. With the
     exported margin complement h ``(*spatial)`` (``confidence``, :func:`exported_margin`) and a fit that has
     ``combine``: the fit's ``inputs``, g'_c(h) or sigmoid(w0 + w1 logit e'_c(u) + w2 logit g'_c(h)) instead."""
+    from scipy.special import expit
     u = uncertainty.float().cpu().numpy()
     seg = np.asarray(segmentation.cpu() if isinstance(segmentation, torch.Tensor) else segmentation)
     inputs = error_map.get("inputs", "map") if confidence is not None and "combine" in error_map else "map"
@@ -293,6 +295,6 @@ def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error
             g = _curve_value(error_map["confidence"]["labels"].get(key, error_map["confidence"]["pooled"]), h[m])
         if inputs == "both":
             w = error_map["combine"].get(key, error_map["combine"]["pooled"])
-            e = 1 / (1 + np.exp(-(w[0] + w[1] * _logit(e) + w[2] * _logit(g))))
+            e = expit(w[0] + w[1] * _logit(e) + w[2] * _logit(g))
         out[m] = g if inputs == "confidence" else e
     return torch.from_numpy(out.astype(np.float32))
