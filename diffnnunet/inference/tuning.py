@@ -122,7 +122,6 @@ def _calibrate(passes: list, steps: int, samples: int) -> dict:
     the validation AUROC before (the raw map) and after."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
     from diffnnunet.inference.calibration import (
-        apply_error_map,
         calibrate,
         error_voxels,
         exported_margin,
@@ -150,10 +149,9 @@ def _calibrate(passes: list, steps: int, samples: int) -> dict:
         maps = [(*m[:3], exported_margin(torch.from_numpy(m[3].T) / result["temperature"], has_regions).numpy())
                 for m in maps]
         fit = fit_error_map(maps, passes[0][0].uncertainty_measure)
-        labels, u, wrong, h = (np.concatenate([m[i] for m in maps]) for i in range(4))
-        after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit, torch.from_numpy(h)).numpy()
+        u, wrong = (np.concatenate([m[i] for m in maps]) for i in (1, 2))
         fit["auroc_before"] = auroc_from_histograms(uncertainty_counts(u, wrong)["counts"])
-        fit["auroc_after"] = auroc_from_histograms(uncertainty_counts(after, wrong)["counts"])
+        fit["auroc_after"] = fit["validation_auroc"][fit["inputs"]]  # the chosen map on these same voxels
         result["error_map"] = fit
     return result
 
