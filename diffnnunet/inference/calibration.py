@@ -273,6 +273,12 @@ def choose_inputs(validation_auroc: dict, tolerance: float = INPUTS_TOLERANCE) -
     return "both" if a["both"] > a[single] + tolerance else single
 
 
+def uses_confidence(error_map: dict) -> bool:
+    """Whether the error map reads the exported margin h (its chosen ``inputs`` are not the map alone); fits of
+    earlier versions (no ``combine``) never do."""
+    return "combine" in error_map and error_map.get("inputs", "map") != "map"
+
+
 def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error_map: dict,
                     confidence: torch.Tensor | None = None) -> torch.Tensor:
     """The native map ``(*spatial)`` and the predicted label map ``(*spatial)`` -> the error map (module
@@ -283,7 +289,7 @@ def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error
     from scipy.special import expit
     u = uncertainty.float().cpu().numpy()
     seg = np.asarray(segmentation.cpu() if isinstance(segmentation, torch.Tensor) else segmentation)
-    inputs = error_map.get("inputs", "map") if confidence is not None and "combine" in error_map else "map"
+    inputs = error_map.get("inputs", "map") if confidence is not None and uses_confidence(error_map) else "map"
     h = None if inputs == "map" else confidence.float().cpu().numpy().astype(np.float64)
     out = np.empty(u.shape, np.float64)
     for c in np.unique(seg):

@@ -313,9 +313,10 @@ class DiffusionPredictor(nnUNetPredictor):
         if (self.raw_uncertainty or not error_map or out.shape[0] != heads + 1
                 or error_map.get("measure") != self.uncertainty_measure):
             return out
-        from diffnnunet.inference.calibration import apply_error_map, exported_margin
+        from diffnnunet.inference.calibration import apply_error_map, exported_margin, uses_confidence
         seg = self.label_manager.convert_logits_to_segmentation(out[:heads].float())
-        confidence = exported_margin(out[:heads], self.label_manager.has_regions)  # logits already / T
+        confidence = (exported_margin(out[:heads], self.label_manager.has_regions)  # logits already / T
+                      if uses_confidence(error_map) else None)  # (C, *spatial) probabilities only when read
         mapped = apply_error_map(out[heads], seg, error_map, confidence).to(out.dtype)
         return torch.cat([out[:heads], mapped[None]])
 
