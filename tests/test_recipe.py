@@ -3,7 +3,7 @@ configured vs. the papers' recipe."""
 import pytest
 import torch
 
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION, training_recipe
+from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION, DEFAULT_RECIPE, training_recipe
 from diffnnunet.trainers.ema import WeightEMA, ema_decay
 
 
@@ -52,6 +52,19 @@ def test_paper_recipe_has_no_ema_and_default_does(method):
     paper, default = training_recipe(DEFAULT_DIFFUSION[method], "paper"), training_recipe(DEFAULT_DIFFUSION[method])
     assert paper["recipe"] == "paper" and not paper["ema"]["enabled"]
     assert paper["optimizer"] == DEFAULT_DIFFUSION[method]["paper_recipe"]["optimizer"]
-    assert default["recipe"] == "default" and default["ema"]["enabled"]
+    own = DEFAULT_DIFFUSION[method].get("default_recipe", {})
+    assert default["recipe"] == "default" and default["ema"]["enabled"] == own.get("ema", {}).get("enabled", True)
+    assert default["optimizer"] == {**DEFAULT_RECIPE["optimizer"], **own.get("optimizer", {})}
     with pytest.raises(ValueError, match="unknown training recipe"):
         training_recipe(DEFAULT_DIFFUSION[method], "fast")
+
+
+def test_a_methods_default_recipe_overrides_only_its_own_entries():
+    """MedSegDiff-V2 trains without the weight EMA (measured, evaluation.md) and keeps the configured optimizer and
+    the EMA's other settings; the override is a recipe entry, not a key left in the plans."""
+    recipe = training_recipe({"default_recipe": {"ema": {"enabled": False}}})
+    assert recipe["ema"] == {**DEFAULT_RECIPE["ema"], "enabled": False}
+    assert recipe["optimizer"] == DEFAULT_RECIPE["optimizer"]
+    assert DEFAULT_RECIPE["ema"]["enabled"]  # the shared default is not modified
+    assert not training_recipe(DEFAULT_DIFFUSION["medsegdiff_v2"])["ema"]["enabled"]
+    assert training_recipe(DEFAULT_DIFFUSION["diff_unet"])["ema"]["enabled"]
