@@ -94,11 +94,15 @@ def init_process_group(device_type: str) -> None:
 
 
 def _run_rank(fn, args: tuple, device_type: str):
+    """``fn(*args)`` inside a process group. After success every rank meets at a barrier before the group is
+    destroyed: a rank that tears gloo down while a peer still finishes its last collective can abort the process
+    (SIGABRT, "terminate called without an active exception"; seen once in the two-rank tests). After a failure
+    the group is left to the process exit, as torchtitan does: destroying it while peers wait in a collective can
+    hang them."""
     init_process_group(device_type)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
+    fn(*args)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, fn, args: tuple, device_type: str):
