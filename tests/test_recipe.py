@@ -60,8 +60,8 @@ def test_paper_recipe_has_no_ema_and_default_does(method):
 
 
 def test_a_methods_default_recipe_overrides_only_its_own_entries():
-    """MedSegDiff-V2 trains without the weight EMA (measured, evaluation.md) and keeps the configured optimizer and
-    the EMA's other settings; the override is a recipe entry, not a key left in the plans."""
+    """MedSegDiff-V2 trains without the weight EMA (measured, benchmarks.md) and keeps the configured optimizer and
+    the EMA's other settings; the other methods keep the shared default."""
     recipe = training_recipe({"default_recipe": {"ema": {"enabled": False}}})
     assert recipe["ema"] == {**DEFAULT_RECIPE["ema"], "enabled": False}
     assert recipe["optimizer"] == DEFAULT_RECIPE["optimizer"]

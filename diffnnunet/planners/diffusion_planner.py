@@ -110,7 +110,7 @@ DEFAULT_DIFFUSION = {
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the configured recipe without the weight EMA: on the demo (two runs each, same plans) the EMA weights gave
         # test Dice 0.863 and 0.866, the raw weights 0.897 and 0.890, uncertainty AUROC 0.925-0.931 against
-        # 0.933-0.940 (evaluation.md, "MedSegDiff-V2's gap (stop 25)")
+        # 0.933-0.940 (benchmarks.md, "EMA ablation (stop 25)")
         "default_recipe": {"ema": {"enabled": False}},
         # the paper: AdamW, initial lr 1e-4, batch 32 (Sec. "Implementation details")
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5,
