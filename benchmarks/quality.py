@@ -22,7 +22,6 @@ seeds), the minimum of (trainer Dice - nnUNetTrainer Dice) and the maximum of tr
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from diffnnunet.utils import merge_nested as merge  # noqa: E402  (the plans section and the --set overrides)
 
 BASELINE = "nnUNetTrainer"
 
@@ -76,13 +77,6 @@ def parse_overrides(items) -> dict:
             node = node.setdefault(k, {})
         node[leaf] = value
     return out
-
-
-def merge(section: dict, overrides: dict) -> dict:
-    section = copy.deepcopy(section)
-    for k, v in overrides.items():
-        section[k] = merge(section.get(k, {}), v) if isinstance(v, dict) else v
-    return section
 
 
 def apply_overrides(preprocessed: str, dataset: str, overrides: dict) -> dict:

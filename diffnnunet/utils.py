@@ -17,6 +17,16 @@ def expand_to(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.reshape(*values.shape, *([1] * (x.ndim - values.ndim))).to(x.dtype)
 
 
+def merge_nested(base: dict, overrides: dict) -> dict:
+    """A deep copy of ``base`` with ``overrides`` on top, nested dicts merged key by key (a plans section and its
+    overrides: ``{"ema": {"enabled": False}}`` changes only that entry of ``ema``)."""
+    import copy
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merge_nested(out.get(key, {}), value) if isinstance(value, dict) else copy.deepcopy(value)
+    return out
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cpu``/``cuda``/``mps`` are taken as given."""
     if name == "auto":

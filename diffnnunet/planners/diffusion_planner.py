@@ -10,6 +10,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from diffnnunet.methods import METHODS
 from diffnnunet.methods.ldseg import RECIPE_MIN_LATENT_SIZE
 from diffnnunet.networks import TimeUNet, resolve_arch_kwargs
+from diffnnunet.utils import merge_nested
 
 #: per-method defaults, from the papers (Diff-UNet: T=1000, linear 1e-4..0.02, x0, DDIM 10 steps, S=4, SUF)
 DEFAULT_DIFFUSION = {
@@ -134,13 +135,11 @@ RECIPES = ("default", "paper")
 
 def training_recipe(method_defaults: dict, recipe: str = "default") -> dict:
     """The recipe entries of a diffusion section: ``recipe``, ``optimizer`` and ``ema``. The default recipe is
-    :data:`DEFAULT_RECIPE` with the method's measured exceptions (``default_recipe``, merged per entry) on top."""
+    :data:`DEFAULT_RECIPE` with the method's measured exceptions (``default_recipe``, merged key by key) on top."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown training recipe '{recipe}' (known: {', '.join(RECIPES)})")
     if recipe == "default":
-        chosen = deepcopy(DEFAULT_RECIPE)
-        for key, value in method_defaults.get("default_recipe", {}).items():
-            chosen[key] = {**chosen.get(key, {}), **value}
+        chosen = merge_nested(DEFAULT_RECIPE, method_defaults.get("default_recipe", {}))
     else:
         chosen = deepcopy(method_defaults.get("paper_recipe", DEFAULT_RECIPE))
     out = {"recipe": recipe, "ema": {"enabled": False}}
