@@ -21,6 +21,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from diffnnunet.inference.export import export_prediction_atomically
+from diffnnunet.inference.mirror_views import mirror_views, sample_over_views
 from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, FoldStatistics
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
@@ -217,7 +218,29 @@ class DiffusionPredictor(nnUNetPredictor):
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
 
+    #: None: the plans' ``mirror_chains`` decides (see :meth:`chain_views`)
+    mirror_chains: bool | None = None
+
+    def chain_views(self) -> list | None:
+        """:func:`~diffnnunet.inference.mirror_views.mirror_views` of the S chains when ``mirror_chains`` is on (plans
+        key, default off; inference.md, "Mirrored chains") and ``use_mirroring`` off (that runs all S chains on
+        every view); None otherwise."""
+        on = self.mirror_chains if self.mirror_chains is not None else self.diffusion.get("mirror_chains", False)
+        if not on or self.use_mirroring:
+            return None
+        return mirror_views(self.samples_per_step, getattr(self, "allowed_mirroring_axes", None))
+
+    def _sample_chain_views(self, x: torch.Tensor, views: list):
+        def sample(windows, n, native):
+            return self.network.sample(windows, steps=self.sampling_steps, samples=n, generator=self.generator,
+                                       chunk=min(n, self.samples_per_forward), **native)
+        return sample_over_views(sample, x, views, self.uncertainty_measure if self.save_uncertainty else None,
+                                 getattr(self.network, "categorical_chains", False), self.fold_parts)
+
     def _sample_windows_mirrored(self, x: torch.Tensor):
+        views = self.chain_views()
+        if views is not None:
+            return self._sample_chain_views(x, views)
         measure = self.uncertainty_measure + (FOLD_PARTS if self.fold_parts else "")
         native = {"return_uncertainty": True, "uncertainty": measure} if self.save_uncertainty else {}
         sampler = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,

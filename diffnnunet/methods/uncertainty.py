@@ -137,24 +137,35 @@ class FoldStatistics:
         self.count = 0
         self.within = self.shift = self.d_sum = self.d_sq = self.h_sum = None
 
-    def add(self, parts: torch.Tensor) -> None:
+    def add(self, parts: torch.Tensor, weight: float = 1.0) -> None:
+        """One group's parts; ``weight``: its share of the chains (its chain count), equal for folds."""
         parts = parts.float()
         c = parts.shape[1] // 2 if self.measure == "std" else 1
         within, p = parts[:, :c], parts[:, c:]
         if self.measure == "std":
-            within = within * within  # the fold's per-channel variance
+            within = within * within  # the group's per-channel variance
         if self.shift is None:
-            self.shift = p  # sums relative to the first fold's mean: no cancellation when the folds agree
+            self.shift = p  # sums relative to the first group's mean: no cancellation when the groups agree
             self.within, self.d_sum = torch.zeros_like(within), torch.zeros_like(p)
             self.d_sq = torch.zeros_like(p)
             self.h_sum = torch.zeros_like(within[:, :1])
         d = p - self.shift
-        self.within += within
-        self.d_sum += d
-        self.d_sq += d * d
+        self.within += weight * within
+        self.d_sum += weight * d
+        self.d_sq += weight * d * d
         if self.measure != "std":
-            self.h_sum += normalized_entropy(p, self.categorical)
-        self.count += 1
+            self.h_sum += weight * normalized_entropy(p, self.categorical)
+        self.count += weight
+
+    def parts(self) -> torch.Tensor:
+        """The pooled chains' parts in :meth:`ChainStatistics.map`'s ``measure + FOLD_PARTS`` layout, so groups
+        combined here (e.g. mirror views within a window) combine again over folds."""
+        f = self.count
+        mean = self.shift + self.d_sum / f
+        if self.measure == "std":
+            m = self.d_sum / f
+            return torch.cat([(self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt(), mean], 1)
+        return torch.cat([self.map(), mean], 1)
 
     def map(self) -> torch.Tensor:
         f = self.count
