@@ -212,6 +212,27 @@ def test_seeded_sampler_regression(arch, spatial, dim):
 REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
 
 
+def test_x0_through_a_sigmoid_by_hand(arch, spatial):
+    """``x0_output: sigmoid`` (the default plans): x0_theta = 2 sigmoid(z) - 1. With the U-Net's 1x1 head zeroed and
+    its bias set to z = ln 3 for channel 0 and -ln 3 for the others, sigmoid(z) = 3/4 and 1/4: x0_theta = 1/2 and
+    -1/2 at every voxel, whatever the input. ``linear`` returns z itself; eps-prediction ignores the key; an unknown
+    value is refused."""
+    m = _model(arch, prediction="x0")
+    assert m.x0_output == "sigmoid"
+    with torch.no_grad():
+        m.diffusion.head.weight.zero_()
+        m.diffusion.head.bias.copy_(torch.tensor([math.log(3), -math.log(3), -math.log(3)]))
+    image, x_t = torch.randn(2, 2, *spatial), 5 * torch.randn(2, 3, *spatial)
+    out = m(image, x_t, torch.tensor([0, 999]))
+    expected = torch.tensor([0.5, -0.5, -0.5]).reshape(1, 3, *([1] * len(spatial))).expand_as(out)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    for kind, prediction in (("linear", "x0"), ("sigmoid", "eps")):
+        m.x0_output, m.process.prediction = kind, prediction
+        torch.testing.assert_close(m(image, x_t, torch.tensor([0, 999]))[:, 0], torch.full_like(out[:, 0], math.log(3)))
+    with pytest.raises(ValueError, match="x0_output 'tanh'"):
+        _model(arch, x0_output="tanh")
+
+
 def test_ablation_switches_remove_the_parts(arch):
     m = _model(arch, u_sa=False, ss_former=False)
     assert m.u_sa is None and m.ss_former is None

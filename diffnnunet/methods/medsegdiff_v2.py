@@ -18,6 +18,8 @@ from diffnnunet.processes import GaussianProcess
 
 MULTICLASS_MODES = ("categorical", "per_channel")
 FUSIONS = ("staple", "mean")
+#: how the Diffusion Model's output becomes x0_theta under ``prediction: x0`` (see MedSegDiffV2.network_forward)
+X0_OUTPUTS = ("sigmoid", "linear")
 
 
 class GaussianSmoothing(nn.Module):
@@ -93,12 +95,15 @@ class MedSegDiffV2(DiffusionMethod):
         self.alpha = int(diffusion.get("anchor_alpha", 5))
         self.beta = float(diffusion.get("anchor_beta", 10.0))
         self.eta = float(diffusion.get("eta", 0.0))
+        self.x0_output = diffusion.get("x0_output", "linear")  # plans written before the key: as trained
         self.fusion = diffusion.get("fusion", "staple")
         self.multiclass = diffusion.get("multiclass", "categorical")
         self.multiclass = "categorical" if self.multiclass == "auto" else self.multiclass
-        if self.fusion not in FUSIONS or self.multiclass not in MULTICLASS_MODES:
+        if (self.fusion not in FUSIONS or self.multiclass not in MULTICLASS_MODES
+                or self.x0_output not in X0_OUTPUTS):
             raise ValueError(f"MedSegDiff-V2 plans: fusion '{self.fusion}' (known: {', '.join(FUSIONS)}), "
-                             f"multiclass '{self.multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)})")
+                             f"multiclass '{self.multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)}), "
+                             f"x0_output '{self.x0_output}' (known: {', '.join(X0_OUTPUTS)})")
         self.condition = TimeUNet(input_channels, self.num_classes, **arch, time_embedding=False)
         self.diffusion = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch, time_embedding=True)
         dim = conv_op_dim(arch["conv_op"])
@@ -164,7 +169,9 @@ class MedSegDiffV2(DiffusionMethod):
                         cond=None) -> torch.Tensor:
         """eps_theta ``(B, N, *sp)`` for ``x_t`` ``(B, N, *sp)``, ``t`` ``(B,)``; ``cond`` = (f_c, c) from
         :meth:`condition_forward` (computed when None). Without ``x_t`` (nnU-Net's plain ``network(x)`` calls):
-        the Condition Model's anchor logits."""
+        the Condition Model's anchor logits. Under ``prediction: x0`` with ``x0_output: sigmoid`` (the default
+        plans) the output is x0_theta = 2 sigmoid(z) - 1 of the U-Net's output z, in (-1, 1) like Diff-UNet's x0_hat;
+        ``linear`` takes z itself (medsegdiff_v2.md, "x0 through a sigmoid")."""
         if x_t is None:
             return self.condition(image)
         if cond is None:
@@ -177,8 +184,11 @@ class MedSegDiffV2(DiffusionMethod):
         if self.ss_former is not None:
             def bottleneck_hook(h, temb):
                 return self.ss_former(h, c, temb)
-        return self.diffusion(torch.cat([image, x_t.to(image.dtype)], dim=1), t, encoder_hook=encoder_hook,
-                              bottleneck_hook=bottleneck_hook)
+        out = self.diffusion(torch.cat([image, x_t.to(image.dtype)], dim=1), t, encoder_hook=encoder_hook,
+                             bottleneck_hook=bottleneck_hook)
+        if self.x0_output == "sigmoid" and self.process.prediction == "x0":
+            out = 2 * torch.sigmoid(out.float()) - 1
+        return out
 
     def anchor_loss(self, logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None):
         """(L_dice, L_ce) of the anchor logits ``(B, N, *sp)``: softmax Dice + cross-entropy for exclusive labels,

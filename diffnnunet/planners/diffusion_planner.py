@@ -97,7 +97,11 @@ DEFAULT_DIFFUSION = {
     "medsegdiff_v2": {
         # x0-prediction is the recipe (the eps Diffusion Model samples poorly after short runs, medsegdiff_v2.md);
         # the paper's eps is in paper_recipe
-        "method": "medsegdiff_v2", "process": "gaussian", "prediction": "x0", "timesteps": 1000,
+        # x0_output sigmoid: x0_theta = 2 sigmoid(z) - 1, bounded like the target, where the linear output had to
+        # sit exactly at -1 over the background: on the demo, two runs each, test Dice 0.871 / 0.884 against
+        # 0.859 / 0.838, uncertainty AUROC 0.9375 / 0.9377 against 0.9349 / 0.9321 (medsegdiff_v2.md)
+        "method": "medsegdiff_v2", "process": "gaussian", "prediction": "x0", "x0_output": "sigmoid",
+        "timesteps": 1000,
         "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "eta": 0.0,
         "sampling_steps": 10, "samples_per_step": 5, "fusion": "staple", "multiclass": "auto",
         "anchor_alpha": 5, "anchor_beta": 10.0, "u_sa": True, "ss_former": True, "nbp_filter": True,
