@@ -217,7 +217,7 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
         seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
         assert set(np.unique(seg).tolist()) <= {0, 1, 2}
         unc = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz")))
-        assert unc.min() >= 0 and unc.max() <= 1 + 1e-3  # normalised entropy of the chains' mean x0 probabilities
+        assert unc.min() >= 0 and unc.max() <= 1 + 1e-3  # the chains' mutual information (normalised)
         probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
         assert probs.shape[0] == 3
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)  # categorical: exported as log(p), softmax = p
