@@ -116,3 +116,16 @@ def test_group_parts_combine_again_like_the_pooled_chains(spatial, measure):
     folds.add(views.parts())
     folds.add(other.map(measure + FOLD_PARTS))
     torch.testing.assert_close(folds.map(), pooled.map(measure), atol=1e-5, rtol=0)
+
+
+def test_full_mirroring_runs_every_chain_on_every_view(dim):
+    """``use_mirroring`` (``--mirror``): all S chains on each of the 4 (2D) or 8 (3D) mirror combinations, the
+    probabilities averaged: half the views flip the first axis, so the first half's probability is 0.5. Each
+    view's chains agree, and the views' maps are averaged (not pooled): mutual information 0."""
+    x = torch.zeros(2, 1, *((6, 4) if dim == 2 else (6, 4, 2)))
+    p = _predictor(dim, 2, mirroring=True)
+    with torch.inference_mode():
+        probs, unc = p._sample_windows(x)
+    assert p.network.calls == [2] * (4 if dim == 2 else 8)
+    torch.testing.assert_close(probs[:, 0], torch.full_like(probs[:, 0], 0.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(unc, torch.zeros_like(unc), atol=1e-6, rtol=0)

@@ -10,16 +10,21 @@ import torch
 from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, FoldStatistics
 
 
+def mirror_combinations(allowed_axes) -> list:
+    """Flip dims of ``(K, C, *patch)`` windows for every mirror combination of ``allowed_axes`` (spatial axes),
+    identity first, then single axes, pairs, ... (nnU-Net's order): 4 in 2D, 8 in 3D, [()] for none."""
+    axes = [int(a) + 2 for a in (allowed_axes or ())]
+    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
 def mirror_views(samples: int, allowed_axes) -> list | None:
     """[(flip dims of ``(K, C, *patch)`` windows, chain count), ...]: the S chains spread as evenly as possible
     (the first S mod V views one more) over V = min(S, M) of the M mirror combinations of ``allowed_axes`` (spatial
     axes; 4 combinations in 2D, 8 in 3D, identity included), in nnU-Net's order (identity, single axes, pairs, ...).
     None for one chain or no allowed axis."""
-    axes = [int(a) + 2 for a in (allowed_axes or ())]
-    s = int(samples)
-    if s < 2 or not axes:
+    combos, s = mirror_combinations(allowed_axes), int(samples)
+    if s < 2 or len(combos) < 2:
         return None
-    combos = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
     v = min(s, len(combos))
     return [(combos[i], s // v + (1 if i < s % v else 0)) for i in range(v)]
 

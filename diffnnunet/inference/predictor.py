@@ -8,7 +8,6 @@ probabilities. Stock nnU-Net models pass straight through.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 from functools import partial
@@ -21,7 +20,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from diffnnunet.inference.export import export_prediction_atomically
-from diffnnunet.inference.mirror_views import mirror_views, sample_over_views
+from diffnnunet.inference.mirror_views import mirror_combinations, mirror_views, sample_over_views
 from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, FoldStatistics
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
@@ -253,8 +252,7 @@ class DiffusionPredictor(nnUNetPredictor):
         prediction, uncertainty = sample(x)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         if mirror_axes:
-            axes = [m + 2 for m in mirror_axes]
-            combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+            combos = mirror_combinations(mirror_axes)[1:]
             for c in combos:
                 p, u = sample(torch.flip(x, c))
                 prediction += torch.flip(p, c)

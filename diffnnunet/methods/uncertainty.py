@@ -160,18 +160,18 @@ class FoldStatistics:
     def parts(self) -> torch.Tensor:
         """The pooled chains' parts in :meth:`ChainStatistics.map`'s ``measure + FOLD_PARTS`` layout, so groups
         combined here (e.g. mirror views within a window) combine again over folds."""
+        mean = self.shift + self.d_sum / self.count
+        return torch.cat([self._channel_std() if self.measure == "std" else self.map(), mean], 1)
+
+    def _channel_std(self) -> torch.Tensor:
+        """Per channel sqrt(within + between variance) ``(B, C, *spatial)`` (std only)."""
         f = self.count
-        mean = self.shift + self.d_sum / f
-        if self.measure == "std":
-            m = self.d_sum / f
-            return torch.cat([(self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt(), mean], 1)
-        return torch.cat([self.map(), mean], 1)
+        m = self.d_sum / f
+        return (self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt()
 
     def map(self) -> torch.Tensor:
         f = self.count
         if self.measure == "std":
-            m = self.d_sum / f
-            between = (self.d_sq / f - m * m).clamp(min=0)
-            return (self.within / f + between).sqrt().mean(1, keepdim=True)
+            return self._channel_std().mean(1, keepdim=True)
         jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
         return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
