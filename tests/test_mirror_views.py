@@ -129,3 +129,35 @@ def test_full_mirroring_runs_every_chain_on_every_view(dim):
     assert p.network.calls == [2] * (4 if dim == 2 else 8)
     torch.testing.assert_close(probs[:, 0], torch.full_like(probs[:, 0], 0.5), atol=1e-6, rtol=0)
     torch.testing.assert_close(unc, torch.zeros_like(unc), atol=1e-6, rtol=0)
+
+
+class _TopBottomWithAnchor(_TopBottom):
+    """_TopBottom plus a deterministic member (as MedSegDiff-V2's anchor): (0.5, 0.5) everywhere joins each call's
+    chains in the map, so a call with n chains pools n + 1 members."""
+
+    def map_members(self, chains):
+        return chains + 1
+
+    def sample(self, x, steps, samples, generator=None, chunk=None, return_uncertainty=False, uncertainty="entropy"):
+        mean = super().sample(x, steps, samples)
+        chains = ChainStatistics(categorical=True)
+        chains.add(mean[:, None].expand(-1, samples, *mean.shape[1:]))
+        chains.add(torch.full_like(mean, 0.5)[:, None])
+        return (mean, chains.map(uncertainty)) if return_uncertainty else mean
+
+
+@pytest.mark.parametrize("measure", ["entropy", "mutual_information"])
+def test_views_are_weighted_by_their_map_members(dim, measure):
+    """S = 5 with one extra member per view: in 2D 4 views with 2, 1, 1, 1 chains, so 3, 2, 2, 2 members; first
+    half: 0.8, 0.8, 0.5 | 0.2, 0.5 | 0.8, 0.5 | 0.2, 0.5, mean 4.8 / 9 = 0.533333, entropy h(0.533333) = 0.996792,
+    mean member entropy (5 h(0.8) + 4) / 9 = 0.845516. In 3D 5 views of 1 chain (2 members each): 0.8 x 3, 0.2 x 2,
+    0.5 x 5, mean 0.53, entropy 0.997402, mean member entropy (5 h(0.8) + 5) / 10 = 0.860964. Weighting the views by
+    their chains instead (2, 1, 1, 1) would give another 2D value."""
+    x = torch.zeros(1, 1, *((6, 4) if dim == 2 else (6, 4, 2)))
+    h, inner = (0.996792, 0.845516) if dim == 2 else (0.997402, 0.860964)
+    p = _predictor(dim, 5, measure)
+    p.network = _TopBottomWithAnchor()
+    with torch.inference_mode():
+        unc = p._sample_windows(x)[1]
+    value = h if measure == "entropy" else h - inner
+    torch.testing.assert_close(unc, torch.full_like(unc, value), atol=2e-6, rtol=0)

@@ -130,7 +130,8 @@ def main(argv=None):
               f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
         if (args.save_uncertainty and predictor.samples_per_step == 1 and len(folds) == 1
-                and predictor.uncertainty_measure in SPREAD_MEASURES):
+                and predictor.uncertainty_measure in SPREAD_MEASURES
+                and getattr(predictor.network, "map_members", lambda n: n)(1) == 1):
             print(f"warning: with 1 sample the '{predictor.uncertainty_measure}' map measures nothing (one chain has "
                   "no spread); use --samples 2 or more, or --uncertainty entropy", file=sys.stderr)
     os.makedirs(args.o, exist_ok=True)

@@ -30,13 +30,16 @@ def mirror_views(samples: int, allowed_axes) -> list | None:
 
 
 def sample_over_views(sample, x: torch.Tensor, views: list, measure: str | None, categorical: bool,
-                      fold_parts: bool = False):
+                      fold_parts: bool = False, members=None):
     """Run ``sample(windows, n, native_kwargs)`` (a method's sampler with n chains) on each view of ``x``
     ``(K, C_in, *patch)`` and flip its outputs back. Returns (probabilities ``(K, C, *patch)``, their chain-weighted
     mean over the views; the ``measure`` map ``(K, 1, *patch)`` of all S chains pooled, None without a measure).
     The map is combined from each view's parts with :class:`FoldStatistics` (weights = chain counts; exact for
     entropy, mutual information and std); with ``fold_parts`` the pooled parts are returned instead, for several
-    folds to combine again. A measure that does not decompose is the chain-weighted mean of the views' maps."""
+    folds to combine again. A measure that does not decompose is the chain-weighted mean of the views' maps.
+    ``members(n)``: the map's members for n chains (a method's ``map_members``; n itself when None), the weight of
+    a view's map parts."""
+    members = members or (lambda n: n)
     decomposes = measure in MEASURES
     native = ({"return_uncertainty": True, "uncertainty": measure + (FOLD_PARTS if decomposes else "")}
               if measure else {})
@@ -50,10 +53,10 @@ def sample_over_views(sample, x: torch.Tensor, views: list, measure: str | None,
         if u is not None:
             u = torch.flip(u, dims) if dims else u
             if stats is not None:
-                stats.add(u, n)
+                stats.add(u, members(n))
             else:
-                maps.append(n * u)
+                maps.append(members(n) * u)
     prediction = prediction / total
     if stats is not None and stats.count:
         return prediction, (stats.parts() if fold_parts else stats.map())
-    return prediction, (sum(maps) / total if maps else None)
+    return prediction, (sum(maps) / sum(members(n) for _, n in views) if maps else None)

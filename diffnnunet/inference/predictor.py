@@ -234,7 +234,8 @@ class DiffusionPredictor(nnUNetPredictor):
             return self.network.sample(windows, steps=self.sampling_steps, samples=n, generator=self.generator,
                                        chunk=min(n, self.samples_per_forward), **native)
         return sample_over_views(sample, x, views, self.uncertainty_measure if self.save_uncertainty else None,
-                                 getattr(self.network, "categorical_chains", False), self.fold_parts)
+                                 getattr(self.network, "categorical_chains", False), self.fold_parts,
+                                 getattr(self.network, "map_members", None))
 
     def _sample_windows_mirrored(self, x: torch.Tensor):
         views = self.chain_views()

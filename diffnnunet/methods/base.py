@@ -75,6 +75,12 @@ class DiffusionMethod(nn.Module):
         entropy (:class:`~diffnnunet.methods.uncertainty.FoldStatistics`)."""
         return self.probabilities == "categorical"
 
+    def map_members(self, chains: int) -> int:
+        """How many members ``sample``'s uncertainty map pools for ``chains`` chains: the chains themselves here;
+        a method that adds a deterministic prediction of its own (MedSegDiff-V2's anchor) counts it too, so that
+        views and folds are weighted by their members and a one-chain map is not taken for an empty one."""
+        return chains
+
     #: ``forward(mode=...)`` -> the method it runs; a method with an extra network ``name`` (see
     #: :meth:`extra_optimised`) adds its loss as mode ``"<name>_loss"`` (cDAL: ``"discriminator_loss"``) so that
     #: step also runs through the DDP wrapper
