@@ -96,11 +96,15 @@ def init_process_group(device_type: str) -> None:
 def _run_rank(fn, args: tuple, device_type: str):
     """``fn(*args)`` inside a process group. After success every rank meets at a barrier before the group is
     destroyed: a rank that tears gloo down while a peer still finishes its last collective can abort the process
-    (SIGABRT, "terminate called without an active exception"; seen once in the two-rank tests). After a failure
-    the group is left to the process exit, as torchtitan does: destroying it while peers wait in a collective can
-    hang them."""
+    (SIGABRT, "terminate called without an active exception"; seen once in the two-rank tests). The same abort
+    came back once with the barrier in place: DDP wrappers hold reference cycles (their reducer's hooks), so they
+    die in the garbage collector, possibly after the group is gone, at interpreter exit; ``gc.collect()`` first
+    frees them while the group still exists. After a failure the group is left to the process exit, as torchtitan
+    does: destroying it while peers wait in a collective can hang them."""
+    import gc
     init_process_group(device_type)
     fn(*args)
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
