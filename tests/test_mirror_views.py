@@ -53,8 +53,10 @@ def test_chains_over_mirror_views_pool_into_one_map(dim, samples, top):
     0.293939. In 3D S = 5 spreads over 5 of the 8 views: the fifth flips the first two axes, so the chains give
     0.8, 0.2, 0.8, 0.8, 0.2: also mean 0.56. Without the views every chain agrees: mutual information 0."""
     x = torch.zeros(3, 1, *((6, 4) if dim == 2 else (6, 4, 2)))
-    expected = {2: (1.0, 1 - H08, 0.3), 3: (H06, H06 - H08, 0.282843), 5: (H056, H056 - H08, 0.293939)}[samples]
+    expected = {2: (1.0, 1 - H08, 0.3, 0.527325), 3: (H06, H06 - H08, 0.282843, 0.491720),
+                5: (H056, H056 - H08, 0.293939, 0.514658)}[samples]  # mi_entropy: sqrt(entropy x MI)
     views = min(samples, 4 if dim == 2 else 8)  # the mirror combinations of 2 or 3 axes, identity included
+    assert len(expected) == len(MEASURES)
     for measure, value in zip(MEASURES, expected):
         p = _predictor(dim, samples, measure)
         assert [n for _, n in p.chain_views()] == [samples // views + (i < samples % views) for i in range(views)]
@@ -68,7 +70,7 @@ def test_chains_over_mirror_views_pool_into_one_map(dim, samples, top):
         p.fold_parts = True  # several folds: the views' pooled parts, for the fold loop to combine
         with torch.inference_mode():
             parts = p._sample_windows(x)[1]
-        assert parts.shape[1] == (4 if measure == "std" else 3)
+        assert parts.shape[1] == {"std": 4, "mi_entropy": 4}.get(measure, 3)
         folds = FoldStatistics(measure, categorical=True)
         folds.add(parts)
         torch.testing.assert_close(folds.map(), unc, atol=2e-6, rtol=0)
@@ -78,7 +80,7 @@ def test_chains_over_mirror_views_pool_into_one_map(dim, samples, top):
             probs, unc = p._sample_windows(x)
         assert p.chain_views() is None and p.network.calls[-1] == samples
         torch.testing.assert_close(probs[:, 0, :3], torch.full_like(probs[:, 0, :3], 0.8), atol=1e-6, rtol=0)
-        off = {"entropy": H08, "mutual_information": 0.0, "std": 0.0}[measure]
+        off = {"entropy": H08, "mutual_information": 0.0, "std": 0.0, "mi_entropy": 0.0}[measure]
         torch.testing.assert_close(unc, torch.full_like(unc, off), atol=2e-6, rtol=0, msg=measure)
 
 

@@ -8,7 +8,7 @@ import sys
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
 #: diffnnunet.methods.uncertainty.MEASURES, spelled out so that parsing arguments imports no torch
-UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
+UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std", "mi_entropy")
 
 
 def build_parser() -> argparse.ArgumentParser:

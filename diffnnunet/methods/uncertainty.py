@@ -8,6 +8,9 @@ Every sampler runs S independent chains; each ends in class probabilities p_s ``
   chain gives the same probabilities, whatever they are.
 - ``std``: the per-voxel standard deviation of p_s across the chains (population, 1/S), averaged over channels;
   in [0, 1/2].
+- ``mi_entropy``: sqrt(MI x H(p_bar)), the geometric mean of the mutual information and the total entropy, in
+  [0, 1]: 0 wherever the chains agree (as MI, so chains that agree on a soft probability add nothing), and among
+  the voxels where they disagree graded by how ambiguous their mean is (documentation/inference.md).
 
 H is the categorical entropy -sum_c p_c log p_c / log C for class probabilities that sum to one (``categorical``),
 and the binary entropy averaged over channels, -(p log p + (1-p) log(1-p)) / log 2, for independent per-channel
@@ -20,7 +23,9 @@ the pooled chains of F folds with equal chain counts, p_bar = (1/F) sum_f p_bar_
 - ``entropy``: H(p_bar) = (1/F) sum_f H(p_bar_f) + JSD, with JSD = H(p_bar) - (1/F) sum_f H(p_bar_f) >= 0 (the
   generalised Jensen-Shannon divergence of the folds' means: their disagreement);
 - ``mutual_information``: H(p_bar) - (1/(F S)) sum_{f,s} H(p_fs) = (1/F) sum_f MI_f + JSD;
-- ``std``: per channel Var = (1/F) sum_f Var_f + (1/F) sum_f (p_bar_f - p_bar)^2 (within + between folds).
+- ``std``: per channel Var = (1/F) sum_f Var_f + (1/F) sum_f (p_bar_f - p_bar)^2 (within + between folds);
+- ``mi_entropy``: the entropy and the mutual information as above, each from its own within-fold part, then
+  sqrt(MI x H).
 
 The within-fold terms are each fold's blended map (per channel for ``std``), the between-fold terms come from the
 folds' blended means, so one fold gives back its own map and folds that agree add nothing; where the windows do
@@ -32,9 +37,9 @@ import math
 
 import torch
 
-MEASURES = ("entropy", "mutual_information", "std")
+MEASURES = ("entropy", "mutual_information", "std", "mi_entropy")
 #: the measures of the chains' spread: 0 everywhere for one chain (of one fold)
-SPREAD_MEASURES = ("mutual_information", "std")
+SPREAD_MEASURES = ("mutual_information", "std", "mi_entropy")
 #: suffix of a measure that asks ChainStatistics.map for the parts FoldStatistics combines, not for the map
 FOLD_PARTS = "+folds"
 
@@ -109,21 +114,26 @@ class ChainStatistics:
         return (self.d_sq / self.count - m * m).clamp(min=0).sqrt()
 
     def map(self, measure: str = "entropy") -> torch.Tensor:
-        """The ``measure`` map ``(B, 1, *spatial)``; with one chain ``mutual_information`` and ``std`` are 0.
+        """The ``measure`` map ``(B, 1, *spatial)``; with one chain every spread measure is 0.
         ``measure + FOLD_PARTS``: the parts :class:`FoldStatistics` combines over folds, ``(B, 1 + C, *spatial)``
         (the map, then p_bar) for entropy and mutual information, ``(B, 2 C, *spatial)`` (the per-channel std,
-        then p_bar) for std; every part is linear in the sliding window's blending."""
+        then p_bar) for std, ``(B, 2 + C, *spatial)`` (entropy, mutual information, p_bar) for mi_entropy; every
+        part is linear in the sliding window's blending."""
         measure, parts = parse_measure(measure)
         if measure != "entropy" and not self.spread:
             raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
         if parts:
-            within = self.channel_std() if measure == "std" else self.map(measure)
+            within = {"std": self.channel_std,
+                      "mi_entropy": lambda: torch.cat([self.map("entropy"), self.map("mutual_information")], 1)
+                      }.get(measure, lambda: self.map(measure))()
             return torch.cat([within, self.mean()], 1)
         if measure == "entropy":
             return normalized_entropy(self.mean(), self.categorical)
         if measure == "mutual_information":
             mi = normalized_entropy(self.mean(), self.categorical) - self.h_sum / self.count
             return mi.clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0
+        if measure == "mi_entropy":
+            return (self.map("entropy") * self.map("mutual_information")).sqrt()
         return self.channel_std().mean(1, keepdim=True)
 
 
@@ -140,7 +150,7 @@ class FoldStatistics:
     def add(self, parts: torch.Tensor, weight: float = 1.0) -> None:
         """One group's parts; ``weight``: its share of the chains (its chain count), equal for folds."""
         parts = parts.float()
-        c = parts.shape[1] // 2 if self.measure == "std" else 1
+        c = {"std": parts.shape[1] // 2, "mi_entropy": 2}.get(self.measure, 1)
         within, p = parts[:, :c], parts[:, c:]
         if self.measure == "std":
             within = within * within  # the group's per-channel variance
@@ -161,7 +171,9 @@ class FoldStatistics:
         """The pooled chains' parts in :meth:`ChainStatistics.map`'s ``measure + FOLD_PARTS`` layout, so groups
         combined here (e.g. mirror views within a window) combine again over folds."""
         mean = self.shift + self.d_sum / self.count
-        return torch.cat([self._channel_std() if self.measure == "std" else self.map(), mean], 1)
+        within = {"std": self._channel_std, "mi_entropy": lambda: torch.cat(self._entropy_and_mi(), 1)
+                  }.get(self.measure, self.map)()
+        return torch.cat([within, mean], 1)
 
     def _channel_std(self) -> torch.Tensor:
         """Per channel sqrt(within + between variance) ``(B, C, *spatial)`` (std only)."""
@@ -169,9 +181,16 @@ class FoldStatistics:
         m = self.d_sum / f
         return (self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt()
 
-    def map(self) -> torch.Tensor:
+    def _entropy_and_mi(self) -> tuple:
+        """Within-group means plus the JSD ``(B, 1, *spatial)``: (the map, None) for entropy and mutual
+        information; (entropy, mutual information) for mi_entropy, whose within parts are both."""
         f = self.count
+        jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
+        pooled = self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
+        return (pooled[:, :1], pooled[:, 1:2]) if self.measure == "mi_entropy" else (pooled, None)
+
+    def map(self) -> torch.Tensor:
         if self.measure == "std":
             return self._channel_std().mean(1, keepdim=True)
-        jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
-        return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
+        h, mi = self._entropy_and_mi()
+        return h if mi is None else (h * mi).sqrt()
