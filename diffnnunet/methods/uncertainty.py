@@ -122,19 +122,15 @@ class ChainStatistics:
         measure, parts = parse_measure(measure)
         if measure != "entropy" and not self.spread:
             raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
+        if measure == "std":
+            std = self.channel_std()
+            return torch.cat([std, self.mean()], 1) if parts else std.mean(1, keepdim=True)
+        h = normalized_entropy(self.mean(), self.categorical)
+        mi = None if measure == "entropy" else (h - self.h_sum / self.count).clamp(min=0)  # >= 0 by Jensen
+        within = {"entropy": [h], "mutual_information": [mi], "mi_entropy": [h, mi]}[measure]
         if parts:
-            within = {"std": self.channel_std,
-                      "mi_entropy": lambda: torch.cat([self.map("entropy"), self.map("mutual_information")], 1)
-                      }.get(measure, lambda: self.map(measure))()
-            return torch.cat([within, self.mean()], 1)
-        if measure == "entropy":
-            return normalized_entropy(self.mean(), self.categorical)
-        if measure == "mutual_information":
-            mi = normalized_entropy(self.mean(), self.categorical) - self.h_sum / self.count
-            return mi.clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0
-        if measure == "mi_entropy":
-            return (self.map("entropy") * self.map("mutual_information")).sqrt()
-        return self.channel_std().mean(1, keepdim=True)
+            return torch.cat([*within, self.mean()], 1)
+        return (h * mi).sqrt() if measure == "mi_entropy" else within[0]
 
 
 class FoldStatistics:
@@ -171,9 +167,9 @@ class FoldStatistics:
         """The pooled chains' parts in :meth:`ChainStatistics.map`'s ``measure + FOLD_PARTS`` layout, so groups
         combined here (e.g. mirror views within a window) combine again over folds."""
         mean = self.shift + self.d_sum / self.count
-        within = {"std": self._channel_std, "mi_entropy": lambda: torch.cat(self._entropy_and_mi(), 1)
-                  }.get(self.measure, self.map)()
-        return torch.cat([within, mean], 1)
+        if self.measure == "std":
+            return torch.cat([self._channel_std(), mean], 1)
+        return torch.cat([self._pooled(), mean], 1)
 
     def _channel_std(self) -> torch.Tensor:
         """Per channel sqrt(within + between variance) ``(B, C, *spatial)`` (std only)."""
@@ -181,16 +177,15 @@ class FoldStatistics:
         m = self.d_sum / f
         return (self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt()
 
-    def _entropy_and_mi(self) -> tuple:
-        """Within-group means plus the JSD ``(B, 1, *spatial)``: (the map, None) for entropy and mutual
-        information; (entropy, mutual information) for mi_entropy, whose within parts are both."""
+    def _pooled(self) -> torch.Tensor:
+        """Each within part's group mean plus the JSD, ``(B, 1, *spatial)`` (the map) for entropy and mutual
+        information, ``(B, 2, *spatial)`` (entropy, mutual information) for mi_entropy."""
         f = self.count
         jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
-        pooled = self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
-        return (pooled[:, :1], pooled[:, 1:2]) if self.measure == "mi_entropy" else (pooled, None)
+        return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
 
     def map(self) -> torch.Tensor:
         if self.measure == "std":
             return self._channel_std().mean(1, keepdim=True)
-        h, mi = self._entropy_and_mi()
-        return h if mi is None else (h * mi).sqrt()
+        pooled = self._pooled()
+        return (pooled[:, :1] * pooled[:, 1:2]).sqrt() if self.measure == "mi_entropy" else pooled
