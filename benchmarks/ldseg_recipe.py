@@ -36,6 +36,7 @@ def load_cases(folder: str, keys, patch):
     for k in keys:
         d = np.asarray(blosc2.open(os.path.join(folder, f"{k}.b2nd"), mode="r")[:])[:, 0]
         s = np.asarray(blosc2.open(os.path.join(folder, f"{k}_seg.b2nd"), mode="r")[:])[:, 0]
+        s = s.clip(min=0)  # nnU-Net's -1 outside the nonzero mask is background
         pad = (0, patch[1] - d.shape[-1], 0, patch[0] - d.shape[-2])
         ims.append(F.pad(torch.from_numpy(d).float(), pad))
         segs.append(F.pad(torch.from_numpy(s).long(), pad))

@@ -18,16 +18,17 @@ def dataset_names(ids: dict) -> dict:
     return {dim: dataset_name(i, dim) for dim, i in ids.items()}
 
 
-def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, **diffusion):
+def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, dataset_kwargs=None, **diffusion):
     """Generator for a module fixture: points the nnU-Net variables at ``root``, writes one synthetic dataset per
     dimension (``ids`` = {dim: dataset id}), runs ``diffnnunet_plan_and_preprocess`` once per argv of
-    ``plan_argvs``, updates every diffusion section of ``plans_name`` with ``diffusion`` (cheap sampling keeps the
-    CPU tests fast), yields the paths and restores the environment."""
+    ``plan_argvs`` (``dataset_kwargs`` go to ``make_dataset``), updates every diffusion section of ``plans_name``
+    with ``diffusion`` (cheap sampling keeps the CPU tests fast), yields the paths and restores the environment."""
     paths = {k: str(root / k) for k in ENV_KEYS}
     old = {k: os.environ.get(k) for k in paths}
     os.environ.update(paths)
     try:
-        names = {d: os.path.basename(make_dataset(paths["nnUNet_raw"], i, dim=d, seed=d)) for d, i in ids.items()}
+        names = {d: os.path.basename(make_dataset(paths["nnUNet_raw"], i, dim=d, seed=d,
+                                                              **(dataset_kwargs or {}))) for d, i in ids.items()}
         for argv in plan_argvs:
             plan_and_preprocess.main(list(argv))
         for name in names.values():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
@@ -165,8 +164,9 @@ def train(args, device):
 def tune_after_training(args, trainer) -> None:
     """The default last step of a diffusion trainer's run: :func:`~diffnnunet.cli.tune_sampling.run_tuning` on this
     fold's validation cases (budget, temperature and error map into the model folder's sampling.json). Skipped for the
-    stock trainer, with one line for fold 'all' and a fold without validation cases; a failed tuning is reported
-    in one line and leaves the trained model as it is."""
+    stock trainer, with one line for fold 'all' and a fold without validation cases. A failed tuning leaves the
+    trained model (checkpoints, validation) as it is and raises one :class:`UserError` naming the step and the
+    command that retries it (exit status 2)."""
     from diffnnunet.cli.tune_sampling import run_tuning
     from diffnnunet.inference.tuning import validation_keys
     from diffnnunet.trainers import is_diffusion_trainer
@@ -190,9 +190,19 @@ def tune_after_training(args, trainer) -> None:
     try:
         run_tuning(args.dataset, args.trainer, trainer.configuration_name, trainer.plans_manager.plans_name,
                    [str(args.fold)], max_cases=args.tune_max_cases, device=trainer.device)
-    except UserError as e:
-        print(f"sampling tuning failed (the trained model is kept; diffnnunet_tune_sampling retries): {e}",
-              file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - whatever breaks the tuning, the trained model stays as it is
+        why = " ".join(str(e).split()) or "(no message)"
+        why = why if isinstance(e, UserError) else f"{type(e).__name__}: {why}"
+        raise UserError(f"the sampling tuning failed after training ({why}); the trained model in "
+                        f"{trainer.output_folder} is kept and predicts with the plans' sampling; retry the tuning "
+                        f"with: {retune_command(args, trainer)}") from None
+
+
+def retune_command(args, trainer) -> str:
+    """The ``diffnnunet_tune_sampling`` command that redoes the end-of-training tuning of this run."""
+    cmd = (f"diffnnunet_tune_sampling -d {args.dataset} -tr {args.trainer} -c {trainer.configuration_name} "
+           f"-p {trainer.plans_manager.plans_name} -f {args.fold}")
+    return cmd + (f" --max_cases {args.tune_max_cases}" if args.tune_max_cases else "")
 
 
 if __name__ == "__main__":

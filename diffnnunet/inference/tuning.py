@@ -108,6 +108,17 @@ def _dice(counts: np.ndarray) -> float:
     return float(np.nanmean(dice)) if np.any(denom > 0) else float("nan")
 
 
+def load_preprocessed_case(dataset, key) -> tuple[torch.Tensor, np.ndarray]:
+    """One preprocessed case of an nnU-Net dataset: the image ``(C, *spatial)`` float32 and the reference label map
+    ``(*spatial)`` int16 with nnU-Net's -1 (outside the nonzero mask that cropping found) read as background 0, as
+    nnU-Net's training transforms do (``RemoveLabelTansform(-1, 0)``). Every reader of preprocessed segmentations
+    (the budget grid, the calibration, the error map) goes through here."""
+    data, seg = dataset.load_case(key)[:2]
+    ref = np.asarray(seg[:])[0].astype(np.int16)
+    ref[ref < 0] = 0
+    return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), ref
+
+
 def _predict(predictor, data: torch.Tensor, steps: int, samples: int) -> torch.Tensor:
     """Blended logits ``(C, *spatial)`` of one preprocessed case at a budget, the generator reset to the seed."""
     predictor.steps_override, predictor.samples_override = steps, samples
@@ -134,9 +145,8 @@ def _calibrate(passes: list, steps: int, samples: int) -> dict:
         lm = predictor.label_manager
         heads = lm.num_segmentation_heads
         for key in tqdm(keys, desc="calibration"):
-            data, seg = dataset.load_case(key)[:2]
-            out = _predict(predictor, torch.from_numpy(np.asarray(data[:], dtype=np.float32)), steps, samples)
-            ref = np.asarray(seg[:])[0]
+            data, ref = load_preprocessed_case(dataset, key)
+            out = _predict(predictor, data, steps, samples)
             voxels.append(sample_voxels(out[:heads], ref, lm, rng))
             if out.shape[0] > heads:
                 pred = lm.convert_logits_to_segmentation(out[:heads].float())
@@ -203,9 +213,7 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
         passes.append((predictor, dataset, keys))
         lm = predictor.label_manager
         for key in tqdm(keys, desc=f"fold {fold}: tuning {len(grid)} budgets"):
-            data, seg = dataset.load_case(key)[:2]
-            data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
-            ref = np.asarray(seg[:])[0]
+            data, ref = load_preprocessed_case(dataset, key)
             keep = np.ones(ref.shape, bool) if lm.ignore_label is None else ref != lm.ignore_label
             classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
             for steps, samples in grid:
