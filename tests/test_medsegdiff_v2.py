@@ -196,7 +196,7 @@ def test_x0_prediction_loss_and_two_step_sample_by_hand(arch, spatial):
 def test_seeded_sampler_regression(arch, spatial, dim):
     """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map (the SS-Former's
     zero-initialised output projection is filled so that its path is pinned too); the paper's eps-prediction."""
-    m = _model(arch, prediction="eps", anchor_in_map=False)
+    m = _model(arch, prediction="eps")
     with torch.no_grad():
         m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
                                                  generator=torch.Generator().manual_seed(7)))
@@ -233,35 +233,27 @@ def test_x0_through_a_sigmoid_by_hand(arch, spatial):
         _model(arch, x0_output="tanh")
 
 
-def test_anchor_in_map_by_hand(arch, spatial):
-    """``anchor_in_map`` (the default plans): the anchor's probabilities join the S chains as one more member of the
-    map. Both U-Nets' 1x1 heads zeroed; the Diffusion Model's bias z = (ln 4, -ln 4) gives x0_theta = 2 sigmoid(z) -
-    1 = (0.6, -0.6) at every step, so every chain ends at p = (0.8, 0.2); the Condition Model's zero logits give the
-    anchor softmax (1/2, 1/2). Exclusive labels, S = 2: chain class probabilities from the odds 4 and 1/4, (16/17,
-    1/17); p_bar = (2 x 16/17 + 1/2) / 3 = 81/102, entropy h(81/102) = 0.733538 bits; mutual information
-    0.733538 - (2 h(16/17) + 1) / 3 = 0.733538 - (2 x 0.322757 + 1) / 3. Regions: the anchor's sigmoids (1/2, 1/2),
-    p_bar = (0.7, 0.3), mean binary entropy h(0.7) = 0.881291. Without the anchor: h(16/17) and 0. The fused
-    segmentation is the chains' (class 0) either way."""
-    m = _model(arch, classes=2, prediction="x0", anchor_in_map=True)
+def test_chains_map_by_hand(arch, spatial):
+    """The map is the S chains'. Both U-Nets' 1x1 heads zeroed; the Diffusion Model's bias z = (ln 4, -ln 4) gives
+    x0_theta = 2 sigmoid(z) - 1 = (0.6, -0.6) at every step, so every chain ends at p = (0.8, 0.2). Exclusive
+    labels, S = 2: chain class probabilities from the odds 4 and 1/4, (16/17, 1/17); the chains agree: entropy
+    h(16/17) = 0.322757 bits, mutual information 0. Regions: mean binary entropy of (0.8, 0.2), h(0.8) = 0.721928.
+    The fused segmentation is class 0."""
+    m = _model(arch, classes=2, prediction="x0")
     with torch.no_grad():
         m.diffusion.head.weight.zero_()
         m.diffusion.head.bias.copy_(torch.tensor([math.log(4), -math.log(4)]))
         m.condition.head.weight.zero_()
         m.condition.head.bias.zero_()
     image = torch.randn(1, 2, *spatial)
-    expected = {("entropy", True): 0.733538, ("mutual_information", True): 0.733538 - (2 * 0.322757 + 1) / 3,
-                ("entropy", False): 0.322757, ("mutual_information", False): 0.0}
-    for anchor in (True, False):
-        m.anchor_in_map = anchor
-        assert m.map_members(2) == 2 + anchor
-        for measure in ("entropy", "mutual_information"):
-            seg, unc = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0),
-                                return_uncertainty=True, uncertainty=measure)
-            torch.testing.assert_close(unc, torch.full_like(unc, expected[measure, anchor]), atol=2e-6, rtol=0)
-            torch.testing.assert_close(seg[:, 0], torch.ones_like(seg[:, 0]), atol=1e-3, rtol=0)
-    m.anchor_in_map, m.multiclass = True, "per_channel"
-    unc = m.sample(image, steps=1, samples=2, return_uncertainty=True)[1]
-    torch.testing.assert_close(unc, torch.full_like(unc, 0.881291), atol=2e-6, rtol=0)
+    for measure, expected in (("entropy", 0.322757), ("mutual_information", 0.0)):
+        seg, unc = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0),
+                            return_uncertainty=True, uncertainty=measure)
+        torch.testing.assert_close(unc, torch.full_like(unc, expected), atol=2e-6, rtol=0)
+        torch.testing.assert_close(seg[:, 0], torch.ones_like(seg[:, 0]), atol=1e-3, rtol=0)
+    m.multiclass = "per_channel"
+    unc = m.sample(image, steps=1, samples=2, return_uncertainty=True, uncertainty="entropy")[1]
+    torch.testing.assert_close(unc, torch.full_like(unc, 0.721928), atol=2e-6, rtol=0)
 
 
 def test_ablation_switches_remove_the_parts(arch):

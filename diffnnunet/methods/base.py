@@ -4,6 +4,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: plans keys of switches removed because they measured no better than the simpler choice; a plans file of an earlier
+#: version may still hold one at its old default-off value (false / 0), any other value fails in
+#: :func:`check_removed_plans_keys`
+REMOVED_PLANS_KEYS = ("mirror_chains", "anchor_in_map", "recycling", "aux_head_weight", "timestep_bias")
+
+
+def check_removed_plans_keys(diffusion: dict | None) -> None:
+    """ValueError naming the first key of :data:`REMOVED_PLANS_KEYS` that the plans' ``diffusion`` section turns
+    on; absent keys and their old default-off values pass."""
+    for key in REMOVED_PLANS_KEYS:
+        if (diffusion or {}).get(key):
+            raise ValueError(f"plans key '{key}' was removed in this version (measured no better); "
+                             "delete it from the plans")
+
 
 def encode_target(target: torch.Tensor, num_channels: int, has_regions: bool, ignore_label: int | None):
     """nnU-Net's training target -> ``(x0, mask)`` with ``x0`` in {0, 1} of shape ``(B, num_channels, *spatial)``.
@@ -75,12 +89,6 @@ class DiffusionMethod(nn.Module):
         entropy (:class:`~diffnnunet.methods.uncertainty.FoldStatistics`)."""
         return self.probabilities == "categorical"
 
-    def map_members(self, chains: int) -> int:
-        """How many members ``sample``'s uncertainty map pools for ``chains`` chains: the chains themselves here;
-        a method that adds a deterministic prediction of its own (MedSegDiff-V2's anchor) counts it too, so that
-        views and folds are weighted by their members and a one-chain map is not taken for an empty one."""
-        return chains
-
     #: ``forward(mode=...)`` -> the method it runs; a method with an extra network ``name`` (see
     #: :meth:`extra_optimised`) adds its loss as mode ``"<name>_loss"`` (cDAL: ``"discriminator_loss"``) so that
     #: step also runs through the DDP wrapper
@@ -89,15 +97,9 @@ class DiffusionMethod(nn.Module):
     ddp_find_unused_parameters = False
 
     def __init__(self, diffusion: dict | None = None):
-        """``diffusion``: the plans' section; the base reads the keys every method shares (``timestep_bias``)."""
+        """``diffusion``: the plans' section, checked for removed keys (:func:`check_removed_plans_keys`)."""
         super().__init__()
-        #: training timesteps biased to the noisy end (0 = uniform; :meth:`training_timesteps`)
-        self.timestep_bias = float((diffusion or {}).get("timestep_bias", 0.0))
-
-    def training_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The timesteps ``(B,)`` of a training step: ``self.process.sample_timesteps`` with the plans'
-        ``timestep_bias`` (uniform for 0, density ~ t^bias otherwise)."""
-        return self.process.sample_timesteps(batch_size, device, generator, self.timestep_bias)
+        check_removed_plans_keys(diffusion)
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:

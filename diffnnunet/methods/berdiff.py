@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
-from diffnnunet.methods.uncertainty import MEASURES, ChainStatistics, parse_measure
+from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet
 from diffnnunet.processes import BernoulliProcess, CategoricalProcess
 from diffnnunet.utils import expand_to
@@ -17,15 +17,6 @@ MULTICLASS_MODES = ("auto", "categorical", "per_channel")
 SALIENCY = ("samples", "expected")
 #: ``prediction`` plans values: what the network's logits parameterise
 PREDICTIONS = ("eps", "x0")
-
-
-def sample_disagreement(freq: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """Uncertainty ``(B, 1, *spatial)`` from the per-voxel sample frequencies ``freq`` ``(B, N, *spatial)``: the
-    fraction of the samples that disagree with the per-voxel majority vote. Categorical: 1 - max_c freq_c (in
-    [0, 1 - 1/N]); per channel: min(freq_c, 1 - freq_c) averaged over the channels (in [0, 1/2]). 0 = all agree."""
-    if per_channel:
-        return torch.minimum(freq, 1 - freq).mean(1, keepdim=True)
-    return 1 - freq.amax(1, keepdim=True)
 
 
 class BerDiff(DiffusionMethod):
@@ -135,7 +126,7 @@ class BerDiff(DiffusionMethod):
         ``(B, N, *sp)`` in {0, 1}."""
         self._observe_targets(x0)
         proc = self.process
-        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         noise = proc.sample_noise(x0, t, generator) if noise is None else noise
         y_t = proc.q_sample(x0, t, noise)
         logits = self(image, y_t, t)
@@ -167,15 +158,8 @@ class BerDiff(DiffusionMethod):
         noise); with
         ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)``: one of
         :data:`~diffnnunet.methods.uncertainty.MEASURES` over the S chains' final x0 probabilities (continuous,
-        where the binary draws would quantize the map to multiples of 1/S), or ``disagreement``, the fraction of
-        binary samples against the majority (:func:`sample_disagreement`).
+        where the binary draws would quantize the map to multiples of 1/S).
         """
-        if uncertainty != "disagreement":
-            try:
-                parse_measure(uncertainty)  # a measure, or its parts for several folds
-            except ValueError:
-                raise ValueError(f"unknown uncertainty measure '{uncertainty}' (known: {', '.join(MEASURES)}, "
-                                 "disagreement)") from None
         proc, per_channel = self.process, bool(self.per_channel)
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
@@ -198,8 +182,4 @@ class BerDiff(DiffusionMethod):
             total = y_sum if total is None else total + y_sum
             chains.add(x0_hat.reshape(b, n, *x0_hat.shape[1:]))
         freq = total / s if self.saliency == "samples" else chains.mean()
-        if not return_uncertainty:
-            return freq
-        if uncertainty == "disagreement":
-            return freq, sample_disagreement(freq, per_channel)
-        return freq, chains.map(uncertainty)
+        return (freq, chains.map(uncertainty)) if return_uncertainty else freq

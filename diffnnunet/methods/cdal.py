@@ -177,7 +177,7 @@ class CDAL(DiffusionMethod):
         fake pair (x_hat_{t-1} ~ q(x_{t-1} | x_t, x0_hat), x_t) labelled 0 (Eq. 2), binary cross-entropy.
         ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}; ``mask`` is not used (D judges whole maps)."""
         x0s = 2 * x0 - 1
-        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         x_prev, x_t = self._real_pair(x0s, t, generator)
         with torch.no_grad():
             x0_hat, _ = self.predict_x0(image, x_t, t, self.draw_z(x0.shape[0], x0.device, generator))
@@ -195,7 +195,7 @@ class CDAL(DiffusionMethod):
         Without ``attention`` x0_att = x0 (the paper's 'w/o Attention' ablation)."""
         x0s = 2 * x0 - 1
         b = x0.shape[0]
-        t = self.training_timesteps(b, x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(b, x0.device, generator) if t is None else t
         x0_att = x0s
         if self.use_attention:
             x_prev, x_t = self._real_pair(x0s, t, generator)
@@ -230,8 +230,8 @@ class CDAL(DiffusionMethod):
         step lands on x0_hat). ``image`` ``(B, M, *spatial)``.
 
         Returns the mean of the chains' final probabilities ``(B, N, *spatial)`` (the paper averages 5 samples);
-        with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)`` of their disagreement
-        (:mod:`diffnnunet.methods.uncertainty`)."""
+        with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *spatial)`` of the chains' final
+        probabilities (:mod:`diffnnunet.methods.uncertainty`)."""
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
         timesteps = self.process.set_timesteps(steps)

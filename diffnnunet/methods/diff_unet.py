@@ -48,17 +48,9 @@ class DiffUNet(DiffusionMethod):
         self.exclusive_labels = True
         self.eta = float(diffusion.get("eta", 0.0))
         self.loss_weights = diffusion.get("loss_weights", {"dice": 1.0, "bce": 1.0, "mse": 1.0})
-        #: probability that a training sample starts its forward process from the model's own x0 estimate
-        #: ("recycling", Fu et al. 2023) instead of the ground truth; 0 = the paper
-        self.recycling = float(diffusion.get("recycling", 0.0))
         self.denoiser = TimeUNet(input_channels + num_classes, num_classes, **arch_kwargs, time_embedding=True)
         enc_kwargs = {k: v for k, v in arch_kwargs.items() if k not in ("n_conv_per_stage_decoder",)}
         self.feature_encoder = UNetEncoder(input_channels, **enc_kwargs)
-        #: weight of an auxiliary deterministic head (a 1x1 conv to N logits on the feature encoder's finest stage,
-        #: BCE + Dice against the labels, training only); 0 = the paper, and no head is built
-        self.aux_weight = float(diffusion.get("aux_head_weight", 0.0))
-        if self.aux_weight > 0:
-            self.aux_head = self.feature_encoder.conv_op(self.feature_encoder.features[0], num_classes, 1, 1, 0)
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
@@ -84,48 +76,17 @@ class DiffUNet(DiffusionMethod):
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """L = L_dice + L_bce + L_mse on x0 (Eq. 3). ``x0`` in {0,1}; the diffusion runs on 2 x0 - 1."""
         x0_scaled = 2 * x0 - 1
-        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        features = self.feature_encoder(image)
-        x_start = self.recycled_start(image, x0_scaled, generator, features) if self.recycling > 0 else x0_scaled
-        x_t = self.process.q_sample(x_start, t, noise)
-        logits = self(image, x_t, t, features)
+        x_t = self.process.q_sample(x0_scaled, t, noise)
+        logits = self(image, x_t, t)
         w = self.loss_weights
-        dice, bce = self._dice_bce(logits, x0, mask)
+        dice = soft_dice_loss(torch.sigmoid(logits), x0, mask)
+        bce = masked_mean(F.binary_cross_entropy_with_logits(logits, x0, reduction="none"), mask)
         mse = masked_mean((logits_to_x0(logits) - x0_scaled) ** 2, mask)
         loss = w["dice"] * dice + w["bce"] * bce + w["mse"] * mse
-        terms = {"dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
-        if self.aux_weight > 0:  # deep supervision of the conditioning encoder
-            aux = sum(self._dice_bce(self.aux_head(features[0]), x0, mask))
-            loss, terms["aux"] = loss + self.aux_weight * aux, aux.detach()
-        return {"loss": loss, **terms}
-
-    @staticmethod
-    def _dice_bce(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None):
-        """(soft Dice loss of sigmoid(logits), masked BCE) against ``x0`` in {0, 1}, ``(B, N, *spatial)``."""
-        bce = masked_mean(F.binary_cross_entropy_with_logits(logits, x0, reduction="none"), mask)
-        return soft_dice_loss(torch.sigmoid(logits), x0, mask), bce
-
-    @torch.no_grad()
-    def recycled_start(self, image: torch.Tensor, x0_scaled: torch.Tensor,
-                       generator: torch.Generator | None = None, features=None) -> torch.Tensor:
-        """Recycling (Fu et al. 2023): the start x_start ``(B, N, *spatial)`` of q(x_t | x_start) for training.
-        Each sample is picked with probability ``recycling``; a picked one gets x0_hat = 2 sigmoid(DU(I, x_T, T-1)) - 1
-        from pure noise x_T ~ N(0, I), the estimate the first DDIM step of inference hands to the next (no
-        gradient), the others keep the ground truth 2 x0 - 1. The loss still targets the ground truth, so the
-        network learns to correct its own first guess, as it must at inference. ``features``: FE(I) when the caller
-        already has them (training_loss), so the feature encoder does not run twice."""
-        b = x0_scaled.shape[0]
-        pick = torch.rand((b,), generator=generator, device=x0_scaled.device) < self.recycling
-        if not bool(pick.any()):
-            return x0_scaled
-        x_T = torch.randn(x0_scaled[pick].shape, generator=generator, device=x0_scaled.device, dtype=x0_scaled.dtype)
-        t_T = torch.full((x_T.shape[0],), self.process.timesteps - 1, device=x0_scaled.device, dtype=torch.long)
-        out = x0_scaled.clone()
-        picked = None if features is None else [f[pick] for f in features]
-        out[pick] = logits_to_x0(self(image[pick], x_T, t_T, picked)).to(out.dtype)
-        return out
+        return {"loss": loss, "dice": dice.detach(), "bce": bce.detach(), "mse": mse.detach()}
 
     def benchmark_forward(self, image: torch.Tensor):
         features = self.feature_encoder(image)

@@ -246,7 +246,7 @@ class LDSeg(DiffusionMethod):
         self._check_targets(x0)
         z_l = self.encode_label(x0 if mask is None else x0 * mask)
         z_i, skips = self.condition(image)
-        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(z_l.shape, generator=generator, device=z_l.device, dtype=z_l.dtype)
         z_d = z_l.detach() if self.latent_stop_gradient else z_l  # what the diffusion branch sees of z_l(0)

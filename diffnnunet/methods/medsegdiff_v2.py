@@ -79,8 +79,7 @@ class MedSegDiffV2(DiffusionMethod):
             ``anchor_beta`` (Eq. 3); ``ss_blocks``, ``ss_dim`` (token width, at most the bottleneck's channels),
             ``nbp_blocks``, ``nbp_width``, ``max_tokens``; ``fusion``
             (``staple``, the paper, or ``mean``); ``multiclass`` (``categorical``: softmax anchor for exclusive
-            labels; ``per_channel``: sigmoids for regions); ``anchor_in_map`` (the Condition Model's anchor
-            probabilities join the S chains as one more member of the uncertainty map, :meth:`sample`).
+            labels; ``per_channel``: sigmoids for regions).
     """
 
     plans_name = "MedSegDiffV2Plans"
@@ -98,7 +97,6 @@ class MedSegDiffV2(DiffusionMethod):
         self.eta = float(diffusion.get("eta", 0.0))
         self.x0_output = diffusion.get("x0_output", "linear")  # plans written before the key: as trained
         self.fusion = diffusion.get("fusion", "staple")
-        self.anchor_in_map = bool(diffusion.get("anchor_in_map", False))  # plans written before the key: chains only
         self.multiclass = diffusion.get("multiclass", "categorical")
         self.multiclass = "categorical" if self.multiclass == "auto" else self.multiclass
         if (self.fusion not in FUSIONS or self.multiclass not in MULTICLASS_MODES
@@ -127,10 +125,6 @@ class MedSegDiffV2(DiffusionMethod):
     def categorical_chains(self) -> bool:
         """The map's chains are odds-normalised class probabilities for exclusive labels (see :meth:`sample`)."""
         return self.exclusive_labels
-
-    def map_members(self, chains: int) -> int:
-        """Members of the uncertainty map for ``chains`` chains: one more with ``anchor_in_map`` (the anchor)."""
-        return chains + int(self.anchor_in_map)
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size,
@@ -213,7 +207,7 @@ class MedSegDiffV2(DiffusionMethod):
         {0, 1} ``(B, N, *sp)``; the diffusion runs on 2 x0 - 1. With ``prediction: x0`` (the default recipe) the
         Diffusion Model regresses x_0 instead: L_n = ||x_0 - x0_theta||^2."""
         x0_scaled = 2 * x0 - 1
-        t = self.training_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.process.q_sample(x0_scaled, t, noise)
@@ -256,13 +250,10 @@ class MedSegDiffV2(DiffusionMethod):
         are averaged (``mean``). Returns ``(B, N, *sp)``;
         with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *sp)`` of the chains' p
         (:mod:`diffnnunet.methods.uncertainty`; class probabilities via :func:`odds_to_categorical` for
-        exclusive labels). With ``anchor_in_map`` the anchor's probabilities (softmax of its logits for exclusive
-        labels, sigmoids for regions) are one more member: p_bar = (sum_s p_s + p_anchor) / (S + 1), and mutual
-        information subtracts the mean of the S + 1 members' entropies (medsegdiff_v2.md, "The anchor in the
-        map"). The fused segmentation is the chains' alone."""
+        exclusive labels)."""
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
-        anchor, f_c, c = self.condition_forward(image)
+        _, f_c, c = self.condition_forward(image)
         timesteps = self.process.set_timesteps(steps)
         chains = ChainStatistics(categorical=self.exclusive_labels, spread=return_uncertainty)
         decisions, p_sum = [], 0.0
@@ -282,8 +273,5 @@ class MedSegDiffV2(DiffusionMethod):
             decisions.append(self.binarize(p, dim=2))
             p_sum = p_sum + p.sum(1)
             chains.add(odds_to_categorical(p, dim=2) if self.exclusive_labels else p)
-        if return_uncertainty and self.anchor_in_map:
-            anchor = anchor.float()
-            chains.add((torch.softmax(anchor, 1) if self.exclusive_labels else torch.sigmoid(anchor))[:, None])
         out = staple_fuse(torch.cat(decisions, 1)) if self.fusion == "staple" else p_sum / s
         return (out, chains.map(uncertainty)) if return_uncertainty else out

@@ -115,9 +115,7 @@ DEFAULT_DIFFUSION = {
         # but within a predicted label it is near chance. The geometric mean keeps the first and grades the voxels
         # where the chains disagree by how ambiguous their mean is: four demo checkpoints re-tuned, test AUROC
         # 0.9397 / 0.9427 / 0.9451 / 0.9372 against 0.9347 / 0.9375 / 0.9416 / 0.9332 (medsegdiff_v2.md, "The
-        # map"). anchor_in_map (the Condition Model's softmax as one more member) is opt-in: 0.9571 / 0.9418 /
-        # 0.9404 / 0.9099, its anchor softens over that background too in some runs.
-        "anchor_in_map": False,
+        # map").
         "uncertainty": "mi_entropy",
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the configured recipe without the weight EMA: on the demo (two runs each, same plans) the EMA weights gave

@@ -66,17 +66,9 @@ class GaussianProcess(nn.Module):
                              persistent=False)
 
     # -- forward process -------------------------------------------------------------------------------------
-    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None,
-                         bias: float = 0.0) -> torch.Tensor:
-        """Training timesteps t in {0, ..., T-1}, shape ``(B,)``: uniform for ``bias`` = 0 (DDPM Algorithm 1);
-        for ``bias`` = g > 0, t = floor(T u^(1 / (1 + g))) with u ~ U(0, 1), so P(t <= k) = ((k + 1) / T)^(1 + g)
-        and the density grows as t^g: the noisy end, where the label comes from the image alone and where a few-step
-        sampler starts, is trained more often (g = 1: density ~ t, mean 2T/3)."""
-        if bias <= 0:
-            return torch.randint(0, self.timesteps, (batch_size,), device=device, generator=generator)
-        u = torch.rand((batch_size,), device=device, generator=generator, dtype=torch.float64)
-        t = torch.floor(self.timesteps * u ** (1.0 / (1.0 + float(bias))))
-        return t.long().clamp_(0, self.timesteps - 1)
+    def sample_timesteps(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps t ~ U{0, ..., T-1}, shape ``(B,)`` (DDPM Algorithm 1)."""
+        return torch.randint(0, self.timesteps, (batch_size,), device=device, generator=generator)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (Eq. 1). ``x0``, ``noise``: ``(B, C, *spatial)``."""
