@@ -66,23 +66,22 @@ def _train(trainer_name: str, args, device, seed: int = 0, dataset: str = str(DA
 
 def _tune(trainer_name: str, device, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
           configuration: str = "2d") -> tuple[float, str]:
-    """diffnnunet_train's default last step for diffusion trainers (sampling.json: budget, temperature, error map);
-    returns (seconds, one line) or (0, "") for the stock trainer."""
+    """diffnnunet_train's default last step (sampling.json: a diffusion model's budget; every model's temperature and
+    error map); returns (seconds, one line)."""
     from diffnnunet.inference.tuning import tune_sampling
-    from diffnnunet.trainers import get_trainer_class, is_diffusion_trainer
-    if not is_diffusion_trainer(get_trainer_class(trainer_name)):
-        return 0.0, ""
     pre = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
     start = time.perf_counter()
     s = tune_sampling(_model_folder(trainer_name, dataset, configuration), pre, [0], device=device)
     cal = s["calibration"]
+    budget = (f"{s['sampling_steps']} steps x {s['samples_per_step']} samples (validation Dice {s['dice']:.4f}, "
+              f"best {s['best']['dice']:.4f} at {s['best']['steps']} x {s['best']['samples']}); "
+              if "sampling_steps" in s else "")
+    em = cal.get("error_map")
     return time.perf_counter() - start, (
-        f"tuned on {s['cases']} validation slices: {s['sampling_steps']} steps x {s['samples_per_step']} samples "
-        f"(validation Dice {s['dice']:.4f}, best {s['best']['dice']:.4f} at {s['best']['steps']} x "
-        f"{s['best']['samples']}); temperature {cal['temperature']:.3f}, validation ECE {cal['ece_before']:.4f} -> "
-        f"{cal['ece_after']:.4f}" + (f"; error map of the {cal['error_map'].get('inputs', 'map')} input(s), validation "
-                                      f"AUROC {cal['error_map']['auroc_before']:.4f} (raw map) -> "
-                                      f"{cal['error_map']['auroc_after']:.4f}" if cal.get("error_map") else ""))
+        f"tuned on {s['cases']} validation slices: {budget}temperature {cal['temperature']:.3f}, validation ECE "
+        f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}" + (
+            f"; error map of the {em['inputs']}, validation AUROC {em['auroc_before']:.4f} (raw) -> "
+            f"{em['auroc_after']:.4f} (held out)" if em else ""))
 
 
 def _model_folder(trainer_name: str, dataset: str = f"Dataset{DATASET_ID}_ICBM152Slices",
@@ -100,6 +99,7 @@ def _predict(trainer_name: str, images: str, out: str, args, device, folder: str
     predictor = DiffusionPredictor(use_mirroring=False, device=device, steps=args.steps, samples=args.samples,
                                    save_uncertainty=True, allow_tqdm=False, verbose=False)
     predictor.initialize_from_trained_model_folder(folder, [0], "checkpoint_final.pth")
+    predictor.use_mirroring = predictor.diffusion is None  # as diffnnunet_predict: stock nnU-Net with its TTA
     lists = check_prediction_inputs(images, predictor.dataset_json)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

@@ -88,15 +88,48 @@ def test_predictor_divides_exported_logits_by_the_temperature():
     image = torch.randn(2, 9, 30, 23)
     with torch.inference_mode():
         plain = ours.predict_sliding_window_return_logits(image)
-        ours.diffusion["temperature"] = 2.5
+        ours.tuned_sampling = {"temperature": 2.5}
         scaled = ours.predict_sliding_window_return_logits(image)
     torch.testing.assert_close(scaled, plain / 2.5)
     assert torch.equal(scaled.argmax(0), plain.argmax(0))  # the segmentation does not change
 
 
+def test_stock_model_gets_the_same_temperature_and_margin_error_map():
+    """Like for like: the stock nnU-Net model (no diffusion section) has its logits divided by the tuned temperature
+    and, with uncertainty saved, the error map of its exported margin joined as the uncertainty channel; with
+    --raw_uncertainty nothing is joined (the export writes its softmax entropy)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from diffnnunet.inference.calibration import _curve_value
+    from tests.test_inference import _predictors
+    _, ours = _predictors(2, save_uncertainty=True)
+    ours.diffusion = None
+    image = torch.randn(2, 2, 30, 23)  # 2D: nnU-Net slides over (z, y, x)
+    with torch.inference_mode():
+        plain = ours.predict_sliding_window_return_logits(image)
+        ours.tuned_sampling = {"temperature": 2.0}
+        torch.testing.assert_close(ours.predict_sliding_window_return_logits(image), plain / 2.0)
+    ours.label_manager = LabelManager({"background": 0, "a": 1}, None)
+    # margin complement h = 1 - |p1 - p0|: 100 voxels each at h = 0.1 (never wrong) and 0.9 (always wrong)
+    fit = fit_error_map([(np.zeros(200, np.int64), None, np.repeat([False, True], 100), np.repeat([0.1, 0.9], 100))],
+                        "margin")
+    assert fit["inputs"] == "confidence" and set(fit["validation_auroc"]) == {"confidence"}
+    ours.tuned_sampling["error_map"] = fit
+    p0 = np.array([0.55, 0.95])  # h = 0.9 and 0.1 at label 0
+    logits = torch.from_numpy(np.log(np.stack([p0, 1 - p0]))).float().reshape(2, 1, 2)
+    got = ours._apply_error_map(logits)
+    assert got.shape == (3, 1, 2)
+    expected = _curve_value(fit["labels"]["0"], np.array([0.9, 0.1]))
+    np.testing.assert_allclose(got[2, 0].numpy(), expected, rtol=1e-5)
+    assert expected[0] > 0.9 > 0.1 > expected[1]
+    ours.raw_uncertainty = True
+    assert ours._apply_error_map(logits).shape == (2, 1, 2)
+
+
 # -- the error map ---------------------------------------------------------------------------------------------------
-def _voxels(labels, u, wrong):
-    return np.asarray(labels, np.int64), np.asarray(u, np.float64), np.asarray(wrong, bool)
+def _voxels(labels, u, wrong, h=None):
+    return (np.asarray(labels, np.int64), np.asarray(u, np.float64), np.asarray(wrong, bool),
+            None if h is None else np.asarray(h, np.float64))
 
 
 def test_error_map_is_the_isotonic_error_rate_by_hand():
@@ -140,7 +173,7 @@ def test_error_map_ranks_errors_across_labels():
     fg_wrong = rng.uniform(size=1000) < np.where(fg_u < 0.1, 0.6, fg_u)  # errors at low and high u
     labels = np.r_[np.zeros(4000, np.int64), np.ones(1000, np.int64)]
     u, wrong = np.r_[bg_u, fg_u], np.r_[np.zeros(4000, bool), fg_wrong]
-    fit = fit_error_map([(labels[::2], u[::2], wrong[::2])], "entropy")  # fitted on half of the voxels
+    fit = fit_error_map([_voxels(labels[::2], u[::2], wrong[::2])], "entropy")  # fitted on half of the voxels
     after = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit).numpy()
 
     def auroc(x):
@@ -164,8 +197,9 @@ def test_predictor_writes_the_error_map_only_for_its_measure():
     # labels 0 / 1 / 2, 200 voxels each at u = 0.1 and 0.2: never wrong / wrong only at 0.2 / always wrong
     u = np.tile(np.repeat([0.1, 0.2], 100), 3)
     wrong = np.r_[np.zeros(200), np.zeros(100), np.ones(100), np.ones(200)].astype(bool)
-    ours.diffusion.update(uncertainty="entropy", error_map=fit_error_map(
-        [_voxels(np.repeat([0, 1, 2], 200), u, wrong)], "entropy"))
+    ours.save_uncertainty = True
+    ours.diffusion.update(uncertainty="entropy")
+    ours.tuned_sampling = {"error_map": fit_error_map([_voxels(np.repeat([0, 1, 2], 200), u, wrong)], "entropy")}
     e1 = fit_error_map([_voxels(np.ones(200), u[:200], wrong[200:400])], "entropy")["labels"]["1"]["error"][1]
     logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]).reshape(3, 1, 2)  # labels 0 and 1
     out = torch.cat([logits, torch.tensor([[[0.2, 0.2]]])])
@@ -194,83 +228,75 @@ def test_exported_margin_by_hand():
     assert float(got) == pytest.approx(0.75, abs=1e-6)
 
 
-def test_combination_recovers_logistic_weights_and_keeps_them_non_negative():
-    """Wrong ~ Bernoulli(sigmoid(-1 + 0.5 x1 + 1.5 x2)): the bounded fit finds the weights (large n, tiny L2);
-    with a true weight of -1 on x1 the bound holds it at 0; all voxels right: the start (0, 1, 0)."""
-    from diffnnunet.inference.calibration import _fit_combination
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200_000, 2))
-    wrong = rng.uniform(size=len(x)) < 1 / (1 + np.exp(-(-1 + 0.5 * x[:, 0] + 1.5 * x[:, 1])))
-    np.testing.assert_allclose(_fit_combination(x, wrong), [-1, 0.5, 1.5], atol=0.05)
-    wrong = rng.uniform(size=len(x)) < 1 / (1 + np.exp(-(-1 - 1.0 * x[:, 0] + 1.5 * x[:, 1])))
-    w = _fit_combination(x, wrong)
-    assert w[1] == 0.0 and w[2] > 1.0
-    assert _fit_combination(x, np.zeros(len(x), bool)) == [0.0, 1.0, 0.0]
-
-
-def test_choose_inputs_by_hand():
-    from diffnnunet.inference.calibration import choose_inputs
-    assert choose_inputs({"map": 0.90, "confidence": 0.92, "both": 0.921}) == "confidence"  # +0.001: not enough
-    assert choose_inputs({"map": 0.93, "confidence": 0.92, "both": 0.9325}) == "both"  # +0.0025 > 0.002
-    assert choose_inputs({"map": 0.92, "confidence": 0.92, "both": 0.90}) == "map"  # a tie goes to the map
-
-
-@pytest.mark.parametrize("source", ["map", "confidence", "both"])
+@pytest.mark.parametrize("source", ["map", "confidence"])
 def test_error_map_picks_the_input_that_explains_the_errors(source):
-    """Errors driven by the chains' map u only, by the margin h only, or half by each (two independent error
-    sources): the fit picks that input, and its map finds the held-out errors at least as well as either input
-    alone; without h at apply time the map falls back to e'_c(u)."""
-    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
+    """Errors driven by the chains' map u only, or by the margin h only: the input is chosen by the AUROC of held-out
+    cases (each half scored with the other half's curves), and the stored curves are those of that input."""
     rng = np.random.default_rng(3)
-    n = 40_000
-    labels = rng.integers(0, 3, n)
-    u, h = rng.uniform(size=n), rng.uniform(size=n)
-    p_u, p_h = 0.4 * u ** 3, 0.4 * h ** 3
-    p = {"map": p_u, "confidence": p_h, "both": 1 - (1 - p_u) * (1 - p_h)}[source]
-    wrong = rng.uniform(size=n) < p
-    half = slice(0, n // 2)
-    fit = fit_error_map([(labels[half], u[half], wrong[half], h[half])], "entropy")
+    cases = []
+    for _ in range(4):
+        n = 5000
+        labels = rng.integers(0, 3, n)
+        u, h = rng.uniform(size=n), rng.uniform(size=n)
+        wrong = rng.uniform(size=n) < 0.4 * (u if source == "map" else h) ** 3
+        cases.append((labels, u, wrong, h))
+    fit = fit_error_map(cases, "entropy")
     assert fit["inputs"] == source
-    test = slice(n // 2, n)
+    other = "confidence" if source == "map" else "map"
+    assert fit["validation_auroc"][source] > 0.75 > 0.55 > fit["validation_auroc"][other]
+    x = np.concatenate([c[1 if source == "map" else 3] for c in cases])
+    lab, wrong = np.concatenate([c[0] for c in cases]), np.concatenate([c[2] for c in cases])
+    assert fit["labels"]["1"]["voxels"] == int(np.sum(lab == 1))
+    assert fit["labels"]["1"]["errors"] == int(np.sum(wrong[lab == 1]))
+    refit = fit_error_map([(lab, x, wrong, None)], "entropy")
+    assert refit["labels"] == fit["labels"] and refit["pooled"] == fit["pooled"]  # refitted on every case
 
-    def auroc(x):
-        return auroc_from_histograms(uncertainty_counts(x, wrong[test])["counts"])
-    mapped = apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]), fit,
-                             torch.from_numpy(h[test])).numpy()
-    assert auroc(mapped) >= max(auroc(u[test]), auroc(h[test])) - 0.005
-    without_h = apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]), fit).numpy()
-    fit_u = fit_error_map([(labels[half], u[half], wrong[half])], "entropy")
-    np.testing.assert_allclose(without_h, apply_error_map(torch.from_numpy(u[test]), torch.from_numpy(labels[test]),
-                                                          fit_u).numpy(), rtol=1e-6)
+
+def test_held_out_auroc_is_scored_on_the_other_half_by_hand():
+    """Two cases of one label. Case A: 100 voxels at u = 0.2 (all right), 100 at u = 0.8 (all wrong); case B: the
+    reverse. A's curve rises: shrunk rates 5/110 and 105/110. B's falls, so its isotonic fit is flat at 1/2 (plus
+    the tie-break 1e-4 u). Scored with B's fit, A's voxels sit near 1/2, its wrong ones just above its right ones;
+    scored with A's, B's wrong voxels sit at 5/110 and its right ones at 105/110. Pooled, only A's wrong voxels
+    rank above a right voxel (A's): 100 x 100 of 200 x 200 pairs, AUROC 1/4, where the in-sample fit (flat 1/2,
+    ordered by u) scores 1/2."""
+    u = np.repeat([0.2, 0.8], 100)
+    a = (np.zeros(200, np.int64), u, np.repeat([False, True], 100), None)
+    b = (np.zeros(200, np.int64), u, np.repeat([True, False], 100), None)
+    fit = fit_error_map([a, b], "entropy")
+    assert fit["validation_auroc"]["map"] == pytest.approx(0.25, abs=1e-9)
 
 
 def test_predictor_feeds_the_exported_margin_to_the_error_map():
-    """A fit whose inputs are the margin: the written map is g'_c(h) at the margin of the exported logits, not a
-    function of the chains' map."""
+    """A fit whose input is the margin: the written map is g'_c(h) at the margin of the exported logits, not a
+    function of the chains' map, whatever measure is written."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     from diffnnunet.inference.calibration import _curve_value, exported_margin
     from tests.test_inference import _predictors
-    _, ours = _predictors(2)
+    _, ours = _predictors(2, save_uncertainty=True)
     ours.label_manager = LabelManager({"background": 0, "a": 1}, None)
     rng = np.random.default_rng(0)
-    labels, u, h = rng.integers(0, 2, 4000), rng.uniform(size=4000), rng.uniform(size=4000)
-    wrong = rng.uniform(size=4000) < h ** 2
-    fit = fit_error_map([(labels, u, wrong, h)], "entropy")
+    cases = []
+    for _ in range(2):
+        labels, u, h = rng.integers(0, 2, 4000), rng.uniform(size=4000), rng.uniform(size=4000)
+        cases.append((labels, u, rng.uniform(size=4000) < h ** 2, h))
+    fit = fit_error_map(cases, "entropy")
     assert fit["inputs"] == "confidence"
-    ours.diffusion.update(uncertainty="entropy", error_map=fit)
+    ours.diffusion.update(uncertainty="mutual_information")
+    ours.tuned_sampling = {"error_map": fit}
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.5, 3.0]]).reshape(2, 1, 3)
     out = torch.cat([logits, torch.full((1, 1, 3), 0.5)])
     got = ours._apply_error_map(out)[2, 0].numpy()
     hm = exported_margin(logits, False)[0].numpy().astype(np.float64)
     seg = logits.argmax(0)[0].numpy()
-    expected = [_curve_value(fit["confidence"]["labels"][str(c)], np.array([x]))[0] for c, x in zip(seg, hm)]
+    expected = [_curve_value(fit["labels"][str(c)], np.array([x]))[0] for c, x in zip(seg, hm)]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_sampling_json_with_a_broken_combination_is_refused(tmp_path):
-    """A stored error map with two inputs loads; one whose weights are not 3 finite numbers, or whose margin curve
-    has knots without values, stops with the file's name."""
+def test_sampling_json_error_maps_load_upgrade_or_are_refused(tmp_path):
+    """A current error map loads; one of the earlier two-input format loads as the input it chose (the margin's
+    curves for 'confidence'); one that chose the removed combination ('both'), an unknown input or a curve with
+    knots without values stops with the file's name."""
     import json
 
     from diffnnunet.inference.tuning import load_tuned_sampling
@@ -279,11 +305,19 @@ def test_sampling_json_with_a_broken_combination_is_refused(tmp_path):
     fit = fit_error_map([(labels, u, rng.uniform(size=2000) < h, h)], "entropy")
     good = {"sampling_steps": 2, "samples_per_step": 2, "calibration": {"temperature": 1.0, "error_map": fit}}
     (tmp_path / "sampling.json").write_text(json.dumps(good))
-    assert load_tuned_sampling(str(tmp_path))["error_map"]["inputs"] == fit["inputs"]
-    for broken in ({"combine": {**fit["combine"], "0": [0.0, float("nan"), 1.0]}},
-                   {"confidence": {**fit["confidence"], "pooled": {"u": [0.1, 0.2], "error": [0.1]}}}):
-        bad = json.loads(json.dumps(good))
-        bad["calibration"]["error_map"].update(broken)
-        (tmp_path / "sampling.json").write_text(json.dumps(bad))
+    assert load_tuned_sampling(str(tmp_path))["error_map"] == fit
+    stock = {"calibration": {"temperature": 1.5, "error_map": fit}}  # the stock model's file: no budget
+    (tmp_path / "sampling.json").write_text(json.dumps(stock))
+    assert load_tuned_sampling(str(tmp_path)) == {"temperature": 1.5, "error_map": fit}
+    margin = {"pooled": {"u": [0.5], "error": [0.25]}, "labels": {"0": {"u": [0.1, 0.9], "error": [0.0, 0.5]}}}
+    old = {"measure": "entropy", "inputs": "confidence", "pooled": fit["pooled"], "labels": fit["labels"],
+           "confidence": margin, "combine": {"pooled": [0.0, 1.0, 0.0]}}
+    (tmp_path / "sampling.json").write_text(json.dumps({**good, "calibration": {"temperature": 1.0,
+                                                                                "error_map": old}}))
+    assert load_tuned_sampling(str(tmp_path))["error_map"] == {"measure": "entropy", "inputs": "confidence", **margin}
+    for broken in ({**old, "inputs": "both"}, {**fit, "inputs": "anything"},
+                   {**fit, "pooled": {"u": [0.1, 0.2], "error": [0.1]}}):
+        (tmp_path / "sampling.json").write_text(json.dumps({**good, "calibration": {"temperature": 1.0,
+                                                                                    "error_map": broken}}))
         with pytest.raises(RuntimeError, match="sampling.json: unreadable"):
             load_tuned_sampling(str(tmp_path))

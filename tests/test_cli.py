@@ -256,8 +256,8 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     cal = tuned["calibration"]  # fitted at the chosen budget on the same validation case
     assert cal["temperature"] > 0 and cal["ece_after"] <= cal["ece_before"] + 1e-12 and cal["voxels"] > 0
     assert cal["error_map"]["measure"] == "mutual_information"  # Diff-UNet's plans measure
-    assert cal["error_map"]["inputs"] in ("map", "confidence", "both")  # and the exported margin's curves
-    assert set(cal["error_map"]["combine"]) == {"pooled", *cal["error_map"]["labels"]}
+    assert cal["error_map"]["inputs"] in ("map", "confidence")  # chosen on held-out halves of the voxels
+    assert set(cal["error_map"]["validation_auroc"]) == {"map", "confidence"}
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", str(tmp_path / "pred"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
                   "-device", "cpu", "--save_uncertainty"])
@@ -280,7 +280,7 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [2])
     assert (predictor.sampling_steps, predictor.samples_per_step) == chosen
-    assert predictor.diffusion["temperature"] == pytest.approx(cal["temperature"])
+    assert predictor.tuned_sampling["temperature"] == pytest.approx(cal["temperature"])
     predictor = DiffusionPredictor(device=torch_cpu(), steps=5, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [2])
     assert predictor.sampling_steps == 5  # the command line wins
@@ -292,7 +292,17 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     assert "calibration" not in tuned
     if not os.path.isdir(os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d", "fold_0")):
         _train(2, "nnUNetTrainer")
-    err = _fail(tune_sampling.main, ["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu"], capsys)
+    # the stock model: the same calibration (temperature, margin error map), no budget
+    tune_sampling.main(["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu", "--max_cases", "1"])
+    stock_folder = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d")
+    stock = json.load(open(os.path.join(stock_folder, "sampling.json")))
+    assert "sampling_steps" not in stock and stock["mirroring"] and stock["calibration"]["temperature"] > 0
+    assert stock["calibration"].get("error_map", {"inputs": "confidence"})["inputs"] == "confidence"
+    predict.main(["-i", images, "-o", str(tmp_path / "stock"), "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0",
+                  "-device", "cpu", "--save_uncertainty"])
+    assert "calibration (sampling.json): temperature" in capsys.readouterr().out
+    err = _fail(tune_sampling.main, ["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu",
+                                     "--no_calibration"], capsys)
     assert "not a diffusion model" in err
 
 

@@ -130,10 +130,13 @@ def main(argv=None):
               f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
         if (args.save_uncertainty and predictor.samples_per_step == 1 and len(folds) == 1
-                and predictor.uncertainty_measure in SPREAD_MEASURES
-                and getattr(predictor.network, "map_members", lambda n: n)(1) == 1):
+                and predictor.uncertainty_measure in SPREAD_MEASURES):
             print(f"warning: with 1 sample the '{predictor.uncertainty_measure}' map measures nothing (one chain has "
                   "no spread); use --samples 2 or more, or --uncertainty entropy", file=sys.stderr)
+    elif predictor.tuned_sampling:
+        print(f"calibration (sampling.json): temperature {predictor.tuned_sampling.get('temperature', 1.0):.3f}"
+              + (", uncertainty = the error map of the margin" if predictor.tuned_sampling.get("error_map")
+                 and args.save_uncertainty and not args.raw_uncertainty else ""))
     os.makedirs(args.o, exist_ok=True)
     if input_lists:
         predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(steps x samples and the temperature, chosen on this fold's validation cases and stored in "
                         "the model folder's sampling.json, which diffnnunet_predict uses; diffnnunet_tune_sampling "
                         "does it later)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed torch, numpy and random before the network is built (the weights' initialisation; "
+                        "nnU-Net's augmentation workers stay unseeded, as in nnU-Net)")
     p.add_argument("--tune-max-cases", type=int, default=None,
                    help="validation cases the tuning uses (default: all of the fold's)")
     return p
@@ -128,6 +131,13 @@ def train(args, device):
 
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    if args.seed is not None:
+        import random
+
+        import numpy as np
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
     trainer = load_trainer(args.dataset, args.trainer, args.fold, args.configuration, args.plans, device,
                            args.continue_training)
     if args.epochs is not None:
@@ -162,16 +172,13 @@ def train(args, device):
 
 
 def tune_after_training(args, trainer) -> None:
-    """The default last step of a diffusion trainer's run: :func:`~diffnnunet.cli.tune_sampling.run_tuning` on this
-    fold's validation cases (budget, temperature and error map into the model folder's sampling.json). Skipped for the
-    stock trainer, with one line for fold 'all' and a fold without validation cases. A failed tuning leaves the
-    trained model (checkpoints, validation) as it is and raises one :class:`UserError` naming the step and the
-    command that retries it (exit status 2)."""
+    """The default last step of every trainer's run: :func:`~diffnnunet.cli.tune_sampling.run_tuning` on this fold's
+    validation cases (a diffusion model's budget; every model's temperature and error map, the stock nnU-Net
+    model's too, into the model folder's sampling.json). Skipped with one line for fold 'all' and a fold without
+    validation cases. A failed tuning leaves the trained model (checkpoints, validation) as it is and raises one
+    :class:`UserError` naming the step and the command that retries it (exit status 2)."""
     from diffnnunet.cli.tune_sampling import run_tuning
     from diffnnunet.inference.tuning import validation_keys
-    from diffnnunet.trainers import is_diffusion_trainer
-    if not is_diffusion_trainer(type(trainer)):
-        return
     if args.fold == "all":
         print("sampling tuning skipped: fold 'all' has no validation cases (diffnnunet_tune_sampling tunes on a "
               "model of folds 0-4)")

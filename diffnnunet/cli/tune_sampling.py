@@ -1,5 +1,7 @@
 """diffnnunet_tune_sampling: measure validation Dice over a grid of sampling steps x samples and store the cheapest
-budget within a tolerance of the best in the model folder (``sampling.json``); diffnnunet_predict then uses it."""
+budget within a tolerance of the best in the model folder (``sampling.json``), with the temperature and the error
+map fitted at that budget; diffnnunet_predict then uses them. A stock nnUNetTrainer model gets the same calibration
+(no budget)."""
 from __future__ import annotations
 
 import argparse
@@ -58,14 +60,19 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
                                 calibration=calibration)
     except RuntimeError as e:
         raise UserError(str(e)) from None
-    print(f"{'steps':>5} {'samples':>7} {'evals':>5}  {'Dice':>6}  {'ECE':>6}  AUROC (uncertainty vs error)")
-    for r in summary["grid"]:
-        mark = "  <- chosen" if (r["steps"], r["samples"]) == (summary["sampling_steps"],
-                                                              summary["samples_per_step"]) else ""
-        print(f"{r['steps']:>5} {r['samples']:>7} {r['evaluations']:>5}  {r['dice']:.4f}  {r.get('ece', nan):.4f}  "
-              f"{r.get('auroc', nan):.4f}{mark}")
-    print(f"{os.path.join(folder, SAMPLING_FILE)}: {summary['sampling_steps']} steps x {summary['samples_per_step']} "
-          f"samples (Dice {summary['dice']:.4f}, best {summary['best']['dice']:.4f}, {summary['cases']} cases)")
+    if "grid" in summary:
+        print(f"{'steps':>5} {'samples':>7} {'evals':>5}  {'Dice':>6}  {'ECE':>6}  AUROC (uncertainty vs error)")
+        for r in summary["grid"]:
+            mark = "  <- chosen" if (r["steps"], r["samples"]) == (summary["sampling_steps"],
+                                                                  summary["samples_per_step"]) else ""
+            print(f"{r['steps']:>5} {r['samples']:>7} {r['evaluations']:>5}  {r['dice']:.4f}  "
+                  f"{r.get('ece', nan):.4f}  {r.get('auroc', nan):.4f}{mark}")
+        print(f"{os.path.join(folder, SAMPLING_FILE)}: {summary['sampling_steps']} steps x "
+              f"{summary['samples_per_step']} samples (Dice {summary['dice']:.4f}, best {summary['best']['dice']:.4f}, "
+              f"{summary['cases']} cases)")
+    else:
+        print(f"{os.path.join(folder, SAMPLING_FILE)}: calibration of the stock model on {summary['cases']} "
+              "validation cases (mirroring on, as diffnnunet_predict predicts it)")
     cal = summary.get("calibration")
     if cal:
         print(f"temperature {cal['temperature']:.3f}: validation ECE {cal['ece_before']:.4f} -> "
@@ -73,10 +80,9 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
               f"NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} ({cal['voxels']} voxels)")
         if cal.get("error_map"):
             em = cal["error_map"]
-            inputs = {"map": f"the {em['measure']} map", "confidence": "the exported probabilities' margin",
-                      "both": f"the {em['measure']} map and the exported probabilities' margin"}
-            print(f"error map of {inputs[em.get('inputs', 'map')]}: validation AUROC {em['auroc_before']:.4f} "
-                  f"(raw map) -> {em['auroc_after']:.4f}")
+            source = f"the {em['measure']} map" if em["inputs"] == "map" else "the exported probabilities' margin"
+            print(f"error map of {source}: validation AUROC {em['auroc_before']:.4f} (raw) -> "
+                  f"{em['auroc_after']:.4f} (held out: each half of the cases scored with the other half's fit)")
     return summary
 
 

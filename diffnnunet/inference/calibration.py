@@ -24,20 +24,15 @@ bins of at least 100 voxels with rates shrunk towards the label's own (:func:`_i
 voxel's label is wrong, with eps = :data:`TIE_BREAK` keeping the raw order inside each flat step of e_c. Within a
 predicted label the ranking is the map's own; across labels it becomes comparable.
 
-**Two inputs.** The chains' map is not the only per-voxel evidence the predictor has: the exported (temperature-
+**Its input.** The chains' map is not the only per-voxel evidence the predictor has: the exported (temperature-
 scaled) class probabilities carry their own confidence, h = 1 - (p_(1) - p_(2)), one minus the margin between the
-two most probable classes (:func:`exported_margin`; nnU-Net's softmax entropy ranks voxels almost the same way, and
-on the demo the margin found the errors better than the entropy H(p) / log C for every trainer, by 0.0006-0.004
-AUROC). When the tuning hands h as well, :func:`fit_error_map` fits a second curve g_c(h) the same way and, per
-predicted label, the logistic regression P(wrong) = sigmoid(w0 + w1 logit e'_c(u) + w2 logit g'_c(h)) with
-w1, w2 >= 0 (:func:`_fit_combination`; e' and g' carry the eps tie-break, so each input keeps its own order
-inside the flat steps). Which of the three the map writes (``inputs``: ``map`` = e'_c(u), ``confidence`` =
-g'_c(h), ``both`` = the regression) is chosen on the validation voxels (:func:`choose_inputs`): the single input
-with the higher AUROC, and both only when they beat it by more than :data:`INPUTS_TOLERANCE`. The preference for
-one input is measured: the validation cases share the training cases' distribution, the test cases need not, and
-the regression is the first to over-fit it (demo, BerDiff, test slices: 0.919 with the map, 0.936 with h, 0.896
-with both, though both matched h on the validation slices, 0.9457 against 0.9459). Error maps of earlier versions
-(no ``combine``), or a predictor that hands no h, use e'_c(u).
+two most probable classes (:func:`exported_margin`; nnU-Net's softmax entropy ranks voxels almost the same way).
+:func:`fit_error_map` fits the same curves g_c(h) of the margin and keeps the input (``inputs``: ``map`` or
+``confidence``) whose error map finds the errors better on validation cases it was not fitted on (two halves of
+the cases, each scored with the curves of the other; ``validation_auroc``), the map on a tie; the stored curves are
+then refitted on all cases. The stock nnU-Net model gets exactly this treatment with the margin as its only input
+(and the same temperature fit), so that diffusion and nnU-Net uncertainty are compared after the same post-hoc
+calibration. A logistic combination of both inputs was measured no better and removed.
 """
 from __future__ import annotations
 
@@ -59,14 +54,8 @@ ERROR_MAP_PRIOR = 10
 TIE_BREAK = 1e-4
 #: validation voxels kept per case for the fit (a seeded random subset; all when the case is smaller)
 VOXELS_PER_CASE = 50_000
-#: logits of the curves' error rates are taken of rates clipped to [LOGIT_EPS, 1 - LOGIT_EPS]
-LOGIT_EPS = 1e-4
-#: L2 penalty on the combination's input weights (a nudge against over-fitting a few validation cases)
-COMBINE_L2 = 1e-3
-#: the error map's possible inputs: the chains' map, the exported probabilities' margin, both (module docstring)
-INPUTS = ("map", "confidence", "both")
-#: both inputs are used only when their validation AUROC beats the better single input's by more than this
-INPUTS_TOLERANCE = 0.002
+#: the error map's possible inputs: the chains' map and the exported probabilities' margin (module docstring)
+INPUTS = ("map", "confidence")
 
 
 def sample_voxels(logits: torch.Tensor, reference: np.ndarray, label_manager, rng: np.random.Generator,
@@ -149,23 +138,20 @@ def exported_margin(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
     return 1 - (top[0] - top[1])
 
 
-def error_voxels(segmentation: np.ndarray, uncertainty: np.ndarray, reference: np.ndarray, label_manager,
-                 rng: np.random.Generator, max_voxels: int = VOXELS_PER_CASE, logits=None) -> tuple:
-    """Predicted label map, native map and reference label map of one case (``(*spatial)`` each) -> (labels
-    ``(n,)``, map ``(n,)``, wrong ``(n,)``) of a seeded voxel subset, ignore-label voxels left out; wrong = the
-    predicted label differs from the reference (as ``diffnnunet_evaluate`` counts errors). With the export
-    ``logits`` ``(C, *spatial)`` a fourth element: their values at the same voxels, ``(n, C)``."""
+def error_voxels(segmentation: np.ndarray, uncertainty: np.ndarray | None, reference: np.ndarray, label_manager,
+                 rng: np.random.Generator, logits, max_voxels: int = VOXELS_PER_CASE) -> tuple:
+    """Predicted label map, native map (None for a model without one), reference label map (``(*spatial)`` each)
+    and the export ``logits`` ``(C, *spatial)`` -> (labels ``(n,)``, map ``(n,)`` or None, wrong ``(n,)``, logits
+    ``(n, C)``) of a seeded voxel subset, ignore-label voxels left out; wrong = the predicted label differs from the
+    reference (as ``diffnnunet_evaluate`` counts errors)."""
     seg, ref = np.asarray(segmentation).reshape(-1), np.asarray(reference).reshape(-1)
-    u = np.asarray(uncertainty, dtype=np.float64).reshape(-1)
     idx = np.flatnonzero(np.ones(ref.shape, bool) if label_manager.ignore_label is None
                          else ref != label_manager.ignore_label)
     if idx.size > max_voxels:
         idx = np.sort(rng.choice(idx, max_voxels, replace=False))
-    out = (seg[idx].astype(np.int64), u[idx], seg[idx] != ref[idx])
-    if logits is None:
-        return out
+    u = None if uncertainty is None else np.asarray(uncertainty, dtype=np.float64).reshape(-1)[idx]
     z = torch.as_tensor(logits).float().cpu().reshape(logits.shape[0], -1)
-    return (*out, z[:, torch.from_numpy(idx)].T.numpy())
+    return seg[idx].astype(np.int64), u, seg[idx] != ref[idx], z[:, torch.from_numpy(idx)].T.numpy()
 
 
 def _isotonic_curve(u: np.ndarray, wrong: np.ndarray) -> dict:
@@ -196,111 +182,91 @@ def _curve_value(curve: dict, x: np.ndarray) -> np.ndarray:
     return (np.interp(x, curve["u"], curve["error"]) + TIE_BREAK * np.clip(x, 0, 1)) / (1 + TIE_BREAK)
 
 
-def _logit(e: np.ndarray) -> np.ndarray:
-    e = np.clip(np.asarray(e, np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
-    return np.log(e / (1 - e))
+def _curves(x: np.ndarray, labels: np.ndarray, wrong: np.ndarray) -> dict:
+    """``{"pooled": curve, "labels": {label: curve}}`` of one input ``x`` ``(n,)`` (:func:`_isotonic_curve`)."""
+    return {"pooled": _isotonic_curve(x, wrong),
+            "labels": {str(int(c)): _isotonic_curve(x[labels == c], wrong[labels == c]) for c in np.unique(labels)}}
 
 
-def _fit_combination(x: np.ndarray, wrong: np.ndarray) -> list:
-    """Weights (w0, w1, ..., wk) of P(wrong) = sigmoid(w0 + sum_j wj x_j), ``x`` ``(n, k)``, minimising the mean
-    log loss plus :data:`COMBINE_L2` sum_j wj^2 with wj >= 0 for j >= 1 (L-BFGS-B, started at the first input
-    alone: w = (0, 1, 0, ...)). All voxels right or all wrong: that start, i.e. the first curve unchanged."""
-    from scipy.optimize import minimize
-    from scipy.special import expit
-    k = x.shape[1]
-    start = np.r_[0.0, 1.0, np.zeros(k - 1)]
-    if wrong.all() or not wrong.any():
-        return start.tolist()
-    y = wrong.astype(np.float64)
-    xb = np.c_[np.ones(len(x)), x]
+def _halves(samples: list) -> list:
+    """Two disjoint halves of the validation voxels for held-out scoring: even and odd cases, or with one case its
+    even and odd voxels."""
+    if len(samples) > 1:
+        return [samples[0::2], samples[1::2]]
+    return [[tuple(None if a is None else a[k::2] for a in samples[0])] for k in (0, 1)]
 
-    def loss(w):
-        s = xb @ w
-        log_p = -np.logaddexp(0, -s)  # log sigmoid(s)
-        log_q = -np.logaddexp(0, s)
-        prob = expit(s)
-        value = -np.mean(y * log_p + (1 - y) * log_q) + COMBINE_L2 * np.sum(w[1:] ** 2)
-        grad = xb.T @ (prob - y) / len(y) + np.r_[0.0, 2 * COMBINE_L2 * w[1:]]
-        return value, grad
 
-    result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(None, None)] + [(0, None)] * k)
-    return [float(v) for v in result.x]
+def _concat(samples: list, i: int):
+    parts = [s[i] for s in samples]
+    return None if any(p is None for p in parts) else np.concatenate([np.asarray(p, np.float64) if i in (1, 3)
+                                                                      else p for p in parts])
 
 
 def fit_error_map(samples: list, measure: str) -> dict:
-    """``samples``: (labels, map, wrong) triples of :func:`error_voxels`, or (labels, map, wrong, h) with h the
-    exported probabilities' margin complement at the same voxels (:func:`exported_margin`) -> ``{"measure", "labels":
-    {label: curve}, "pooled": curve}``, a curve being the knots ``u`` and ``error`` of the isotonic regression of
-    wrong on the map among the voxels predicted as that label (``pooled``: all voxels, for labels never predicted on
-    the validation cases), with the voxel and error counts. With h also ``"confidence"`` (the same curves of wrong
-    on h), ``"combine"`` (per label and ``pooled`` the weights (w0, w1, w2) of :func:`_fit_combination` on
-    (logit e'_c(u), logit g'_c(h))), ``"validation_auroc"`` of each of :data:`INPUTS` on these voxels and the
-    chosen ``"inputs"`` (module docstring)."""
-    labels = np.concatenate([s[0] for s in samples])
-    u = np.concatenate([s[1] for s in samples])
-    wrong = np.concatenate([s[2] for s in samples])
-    classes = [str(int(c)) for c in np.unique(labels)]
-    fit = {"measure": measure, "pooled": _isotonic_curve(u, wrong),
-           "labels": {c: _isotonic_curve(u[labels == int(c)], wrong[labels == int(c)]) for c in classes}}
-    if not samples or len(samples[0]) < 4:
-        return fit
-    h = np.concatenate([np.asarray(s[3], np.float64) for s in samples])
-    fit["confidence"] = {"pooled": _isotonic_curve(h, wrong),
-                         "labels": {c: _isotonic_curve(h[labels == int(c)], wrong[labels == int(c)])
-                                    for c in classes}}
-    fit["combine"] = {}
-    for c in [None, *classes]:
-        m = np.ones(len(u), bool) if c is None else labels == int(c)
-        curve_u = fit["pooled"] if c is None else fit["labels"][c]
-        curve_h = fit["confidence"]["pooled"] if c is None else fit["confidence"]["labels"][c]
-        x = np.stack([_logit(_curve_value(curve_u, u[m])), _logit(_curve_value(curve_h, h[m]))], 1)
-        fit["combine"]["pooled" if c is None else c] = _fit_combination(x, wrong[m])
+    """``samples``: per case (labels ``(n,)``, map ``(n,)`` or None, wrong ``(n,)``, h ``(n,)`` or None), the
+    predicted labels, the chains' native map, the errors and the exported probabilities' margin complement
+    (:func:`exported_margin`) at the same voxels -> ``{"measure", "inputs", "pooled": curve, "labels": {label:
+    curve}, "validation_auroc": {input: AUROC}}``: the curves (:func:`_isotonic_curve`, per predicted label and
+    ``pooled`` for labels never predicted on the validation cases) of the input chosen by its held-out AUROC
+    (module docstring), refitted on every case. ``inputs`` is ``map`` when there is no h and ``confidence`` when
+    there is no map (the stock nnU-Net model)."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
-    fit["validation_auroc"] = {}
-    for inputs in INPUTS:
-        fit["inputs"] = inputs
-        mapped = apply_error_map(torch.from_numpy(u), torch.from_numpy(labels), fit, torch.from_numpy(h)).numpy()
-        fit["validation_auroc"][inputs] = auroc_from_histograms(uncertainty_counts(mapped, wrong)["counts"])
-    fit["inputs"] = choose_inputs(fit["validation_auroc"])
-    return fit
+    available = [name for name, i in (("map", 1), ("confidence", 3)) if _concat(samples, i) is not None]
+    if not available:
+        raise ValueError("fit_error_map: the samples carry neither a map nor the exported margin")
+    column = {"map": 1, "confidence": 3}
+    held_out = {}
+    halves = _halves(samples)
+    for name in available:
+        scored, wrong = [], []
+        for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+            curves = _curves(_concat(fit_on, column[name]), _concat(fit_on, 0), _concat(fit_on, 2))
+            scored.append(apply_error_map(torch.from_numpy(_concat(score_on, column[name])),
+                                          torch.from_numpy(_concat(score_on, 0)),
+                                          {"inputs": name, **curves}).numpy())
+            wrong.append(_concat(score_on, 2))
+        held_out[name] = auroc_from_histograms(uncertainty_counts(np.concatenate(scored),
+                                                                  np.concatenate(wrong))["counts"])
+    inputs = available[0] if len(available) == 1 else (
+        "map" if not held_out["confidence"] > held_out["map"] else "confidence")
+    labels, wrong = _concat(samples, 0), _concat(samples, 2)
+    return {"measure": measure, "inputs": inputs, **_curves(_concat(samples, column[inputs]), labels, wrong),
+            "validation_auroc": held_out}
 
 
-def choose_inputs(validation_auroc: dict, tolerance: float = INPUTS_TOLERANCE) -> str:
-    """The error map's inputs from their validation AUROCs (``{"map", "confidence", "both"}``): the better single
-    input (the map on a tie), and both only when they beat it by more than ``tolerance`` (module docstring)."""
-    a = validation_auroc
-    single = "map" if a["map"] >= a["confidence"] else "confidence"
-    return "both" if a["both"] > a[single] + tolerance else single
+def upgrade_error_map(error_map: dict) -> dict:
+    """An error map as :func:`fit_error_map` writes it from one stored by an earlier version: those kept the
+    map's curves at the top level and the margin's under ``confidence`` (plus ``combine`` weights); a fit that
+    chose both inputs at once can no longer be applied (ValueError)."""
+    if "combine" not in error_map:
+        return error_map
+    inputs = error_map.get("inputs", "map")
+    if inputs not in INPUTS:
+        raise ValueError(f"error_map: inputs '{inputs}' (a combination of map and margin) are no longer supported")
+    source = error_map["confidence"] if inputs == "confidence" else error_map
+    return {"measure": error_map["measure"], "inputs": inputs, "pooled": source["pooled"],
+            "labels": source["labels"]}
 
 
-def uses_confidence(error_map: dict) -> bool:
-    """Whether the error map reads the exported margin h (its chosen ``inputs`` are not the map alone); fits of
-    earlier versions (no ``combine``) never do."""
-    return "combine" in error_map and error_map.get("inputs", "map") != "map"
-
-
-def apply_error_map(uncertainty: torch.Tensor, segmentation: torch.Tensor, error_map: dict,
-                    confidence: torch.Tensor | None = None) -> torch.Tensor:
-    """The native map ``(*spatial)`` and the predicted label map ``(*spatial)`` -> the error map (module
-    docstring), float32 in [0, 1], same shape: e_c interpolated linearly between the knots of the voxel's
-    predicted label c (the pooled curve for a label without one), constant beyond the end knots. With the
-    exported margin complement h ``(*spatial)`` (``confidence``, :func:`exported_margin`) and a fit that has
-    ``combine``: the fit's ``inputs``, g'_c(h) or sigmoid(w0 + w1 logit e'_c(u) + w2 logit g'_c(h)) instead."""
-    from scipy.special import expit
-    u = uncertainty.float().cpu().numpy()
+def apply_error_map(x: torch.Tensor, segmentation: torch.Tensor, error_map: dict) -> torch.Tensor:
+    """The error map's input ``x`` ``(*spatial)`` (the native map u for ``inputs`` ``map``, the exported margin
+    complement h for ``confidence``; :func:`error_map_input`) and the predicted label map ``(*spatial)`` -> the
+    estimated probability that the voxel's label is wrong, float32 in [0, 1], same shape: the curve of the voxel's
+    predicted label c (the pooled curve for a label without one) interpolated linearly between its knots,
+    constant beyond the end knots, with the tie-break (e_c(x) + eps x) / (1 + eps) (module docstring)."""
+    u = x.float().cpu().numpy()
     seg = np.asarray(segmentation.cpu() if isinstance(segmentation, torch.Tensor) else segmentation)
-    inputs = error_map.get("inputs", "map") if confidence is not None and uses_confidence(error_map) else "map"
-    h = None if inputs == "map" else confidence.float().cpu().numpy().astype(np.float64)
     out = np.empty(u.shape, np.float64)
     for c in np.unique(seg):
-        key = str(int(c))
         m = seg == c
-        if inputs != "confidence":
-            e = _curve_value(error_map["labels"].get(key, error_map["pooled"]), u[m])
-        if inputs != "map":
-            g = _curve_value(error_map["confidence"]["labels"].get(key, error_map["confidence"]["pooled"]), h[m])
-        if inputs == "both":
-            w = error_map["combine"].get(key, error_map["combine"]["pooled"])
-            e = expit(w[0] + w[1] * _logit(e) + w[2] * _logit(g))
-        out[m] = g if inputs == "confidence" else e
+        out[m] = _curve_value(error_map["labels"].get(str(int(c)), error_map["pooled"]), u[m])
     return torch.from_numpy(out.astype(np.float32))
+
+
+def error_map_input(error_map: dict, native_map: torch.Tensor | None, logits: torch.Tensor,
+                    has_regions: bool) -> torch.Tensor | None:
+    """What the error map reads: the exported margin complement of ``logits`` ``(C, *spatial)`` (already divided
+    by the temperature) for ``inputs`` ``confidence``, else the native map ``(*spatial)`` (None without one)."""
+    if error_map.get("inputs", "map") == "confidence":
+        return exported_margin(logits, has_regions)
+    return native_map

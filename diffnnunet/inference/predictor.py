@@ -20,8 +20,8 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from diffnnunet.inference.export import export_prediction_atomically
-from diffnnunet.inference.mirror_views import mirror_combinations, mirror_views, sample_over_views
-from diffnnunet.methods.uncertainty import FOLD_PARTS, MEASURES, FoldStatistics
+from diffnnunet.inference.mirror_views import mirror_combinations
+from diffnnunet.methods.uncertainty import FOLD_PARTS, FoldStatistics
 from diffnnunet.utils import load_checkpoint_safely, swapped
 
 _EPS = 1e-6
@@ -143,11 +143,9 @@ class DiffusionPredictor(nnUNetPredictor):
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
-        if self.diffusion is not None and self.use_tuned_sampling:
+        if self.use_tuned_sampling:  # the tuned budget (diffusion) and calibration (every model), kept apart
             from diffnnunet.inference.tuning import load_tuned_sampling
-            self.tuned_sampling = load_tuned_sampling(model_training_output_dir)
-            if self.tuned_sampling:
-                self.diffusion.update(self.tuned_sampling)
+            self.tuned_sampling = load_tuned_sampling(model_training_output_dir) or None
 
     def _configure_sampling(self):
         from diffnnunet.planners import DEFAULT_DIFFUSION
@@ -161,7 +159,7 @@ class DiffusionPredictor(nnUNetPredictor):
 
     @property
     def sampling_steps(self) -> int:
-        return int(self.steps_override or self.diffusion["sampling_steps"])
+        return int(self.steps_override or self._tuned("sampling_steps") or self.diffusion["sampling_steps"])
 
     @property
     def uncertainty_measure(self) -> str:
@@ -169,7 +167,11 @@ class DiffusionPredictor(nnUNetPredictor):
 
     @property
     def samples_per_step(self) -> int:
-        return int(self.samples_override or self.diffusion["samples_per_step"])
+        return int(self.samples_override or self._tuned("samples_per_step") or self.diffusion["samples_per_step"])
+
+    def _tuned(self, key: str, default=None):
+        """A value of the model folder's sampling.json (budget, ``temperature``, ``error_map``), else ``default``."""
+        return (self.tuned_sampling or {}).get(key, default)
 
     # -- the per-window call -----------------------------------------------------------------------------------
     #: network input voxels per sampler forward on CPU (class default; see ``_cpu_inputs_per_forward``)
@@ -217,30 +219,7 @@ class DiffusionPredictor(nnUNetPredictor):
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return torch.autocast("cuda", enabled=False) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    #: None: the plans' ``mirror_chains`` decides (see :meth:`chain_views`)
-    mirror_chains: bool | None = None
-
-    def chain_views(self) -> list | None:
-        """:func:`~diffnnunet.inference.mirror_views.mirror_views` of the S chains when ``mirror_chains`` is on (plans
-        key, default off; inference.md, "Mirrored chains") and ``use_mirroring`` off (that runs all S chains on
-        every view); None otherwise."""
-        on = self.mirror_chains if self.mirror_chains is not None else self.diffusion.get("mirror_chains", False)
-        if not on or self.use_mirroring:
-            return None
-        return mirror_views(self.samples_per_step, getattr(self, "allowed_mirroring_axes", None))
-
-    def _sample_chain_views(self, x: torch.Tensor, views: list):
-        def sample(windows, n, native):
-            return self.network.sample(windows, steps=self.sampling_steps, samples=n, generator=self.generator,
-                                       chunk=min(n, self.samples_per_forward), **native)
-        return sample_over_views(sample, x, views, self.uncertainty_measure if self.save_uncertainty else None,
-                                 getattr(self.network, "categorical_chains", False), self.fold_parts,
-                                 getattr(self.network, "map_members", None))
-
     def _sample_windows_mirrored(self, x: torch.Tensor):
-        views = self.chain_views()
-        if views is not None:
-            return self._sample_chain_views(x, views)
         measure = self.uncertainty_measure + (FOLD_PARTS if self.fold_parts else "")
         native = {"return_uncertainty": True, "uncertainty": measure} if self.save_uncertainty else {}
         sampler = partial(self.network.sample, steps=self.sampling_steps, samples=self.samples_per_step,
@@ -327,50 +306,47 @@ class DiffusionPredictor(nnUNetPredictor):
         return self._apply_error_map(out)
 
     def _apply_error_map(self, out: torch.Tensor) -> torch.Tensor:
-        """The tuned error map (``sampling.json``) over the native map channel of ``out`` ``(heads + 1, *sp)``, when
-        it was fitted for the measure being written and ``raw_uncertainty`` is off; its second input is the
-        margin of the exported (temperature-scaled) probabilities of ``out[:heads]``."""
+        """``out`` ``(heads [+ 1], *spatial)`` with its uncertainty channel replaced (or, for the stock model,
+        joined) by the tuned error map (``sampling.json``) when uncertainty is saved and ``raw_uncertainty`` is off.
+        A map of the margin of the exported (temperature-scaled) probabilities applies to every model; a map of
+        the native map only to the measure it was fitted for."""
         heads = self.label_manager.num_segmentation_heads
-        error_map = (self.diffusion or {}).get("error_map")
-        if (self.raw_uncertainty or not error_map or out.shape[0] != heads + 1
-                or error_map.get("measure") != self.uncertainty_measure):
+        error_map = self._tuned("error_map")
+        if self.raw_uncertainty or not self.save_uncertainty or not error_map or out.shape[0] > heads + 1:
             return out
-        from diffnnunet.inference.calibration import apply_error_map, exported_margin, uses_confidence
+        from diffnnunet.inference.calibration import apply_error_map, error_map_input
+        native = out[heads] if out.shape[0] == heads + 1 else None
+        if error_map["inputs"] == "map" and (native is None or error_map["measure"] != self.uncertainty_measure):
+            return out
         seg = self.label_manager.convert_logits_to_segmentation(out[:heads].float())
-        confidence = (exported_margin(out[:heads], self.label_manager.has_regions)  # logits already / T
-                      if uses_confidence(error_map) else None)  # (C, *spatial) probabilities only when read
-        mapped = apply_error_map(out[heads], seg, error_map, confidence).to(out.dtype)
+        x = error_map_input(error_map, native, out[:heads], self.label_manager.has_regions)  # logits already / T
+        mapped = apply_error_map(x, seg, error_map).to(out.dtype)
         return torch.cat([out[:heads], mapped[None]])
 
     def _predict_folds(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's fold loop (the mean of the folds' exported logits), except for the native uncertainty map: each
         fold's sliding window returns the map's parts, :class:`FoldStatistics` combines them (entropy and mutual
         information gain the folds' Jensen-Shannon divergence, std the between-fold variance), where nnU-Net's
-        loop would average the folds' maps and lose their disagreement. A method whose sampler gives no parts
-        (one channel) has its maps averaged."""
+        loop would average the folds' maps and lose their disagreement."""
         from nnunetv2.configuration import default_num_processes
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
         heads = self.label_manager.num_segmentation_heads
         folds = FoldStatistics(self.uncertainty_measure, getattr(self.network, "categorical_chains", False))
-        logits, maps = None, []
-        self.fold_parts = self.uncertainty_measure in MEASURES  # BerDiff's 'disagreement' does not decompose
+        logits = None
+        self.fold_parts = True
         try:
             for params in self.list_of_parameters:
                 self.network.load_state_dict(params)
                 out = self.predict_sliding_window_return_logits(data).to("cpu")
                 logits = out[:heads] if logits is None else logits + out[:heads]
-                if out.shape[0] > heads + 1:
+                if out.shape[0] > heads:
                     folds.add(out[None, heads:])
-                elif out.shape[0] == heads + 1:
-                    maps.append(out[heads:])
         finally:
             self.fold_parts = False
             torch.set_num_threads(n_threads)
         logits /= len(self.list_of_parameters)
-        if folds.count:
-            return torch.cat([logits, folds.map()[0]])
-        return torch.cat([logits, torch.stack(maps).mean(0)]) if maps else logits
+        return torch.cat([logits, folds.map()[0]]) if folds.count else logits
 
     @torch.inference_mode()
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
@@ -379,12 +355,13 @@ class DiffusionPredictor(nnUNetPredictor):
         without one; :mod:`~diffnnunet.inference.calibration`); a native uncertainty channel, when present, stays
         last and unchanged."""
         out = super().predict_sliding_window_return_logits(input_image)
-        if self.diffusion is None:
-            return out
+        if self.diffusion is None:  # the stock model's logits, calibrated like a diffusion model's
+            temperature = float(self._tuned("temperature", 1.0))
+            return out if temperature == 1.0 else out / temperature
         heads = self.label_manager.num_segmentation_heads
         logits = probabilities_to_logits(out[:heads], self.label_manager.has_regions,
                                          getattr(self.network, "probabilities", "per_channel"))
-        temperature = float(self.diffusion.get("temperature", 1.0))
+        temperature = float(self._tuned("temperature", 1.0))
         if temperature != 1.0:
             logits = logits / temperature
         return torch.cat([logits, out[heads:].float()]) if out.shape[0] > heads else logits

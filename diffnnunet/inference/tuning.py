@@ -60,34 +60,33 @@ def choose_budget(results: list, tolerance: float, auroc_tolerance: float = 0.00
 
 
 def load_tuned_sampling(model_folder: str) -> dict | None:
-    """The stored choice ``{"sampling_steps", "samples_per_step", ...}`` or None when the folder has none."""
+    """What the tuning stored (None when the folder has none): ``sampling_steps`` and ``samples_per_step`` (diffusion
+    models), ``temperature`` and ``error_map`` (when calibrated; the stock model has only these)."""
+    from diffnnunet.inference.calibration import INPUTS, upgrade_error_map
     path = join(model_folder, SAMPLING_FILE)
     if not os.path.isfile(path):
         return None
     try:
         tuned = load_json(path)
-        out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+        out = {}
+        if "sampling_steps" in tuned or "samples_per_step" in tuned:
+            out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
         if tuned.get("calibration"):
             out["temperature"] = float(tuned["calibration"]["temperature"])
             if not out["temperature"] > 0:
                 raise ValueError(f"temperature {out['temperature']} is not > 0")
             error_map = tuned["calibration"].get("error_map")
             if error_map:
-                curves = [error_map["pooled"], *error_map["labels"].values()]
-                if "combine" in error_map:
-                    g = error_map["confidence"]
-                    curves += [g["pooled"], *g["labels"].values()]
-                    if any(len(w) != 3 or not all(np.isfinite(w)) for w in error_map["combine"].values()):
-                        raise ValueError("error_map: combine weights are not 3 finite numbers")
-                    if "pooled" not in error_map["combine"]:
-                        raise ValueError("error_map: combine has no pooled weights")
-                for curve in curves:
+                error_map = upgrade_error_map(error_map)
+                if error_map["inputs"] not in INPUTS:
+                    raise ValueError(f"error_map: unknown inputs '{error_map['inputs']}'")
+                for curve in [error_map["pooled"], *error_map["labels"].values()]:
                     if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
                         raise ValueError("error_map: knots and values differ in length")
                 out["error_map"] = error_map
         return out
     except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"{path}: unreadable sampling budget ({e}); delete it or re-run "
+        raise RuntimeError(f"{path}: unreadable sampling budget or calibration ({e}); delete it or re-run "
                            "diffnnunet_tune_sampling") from None
 
 
@@ -119,26 +118,24 @@ def load_preprocessed_case(dataset, key) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), ref
 
 
-def _predict(predictor, data: torch.Tensor, steps: int, samples: int) -> torch.Tensor:
-    """Blended logits ``(C, *spatial)`` of one preprocessed case at a budget, the generator reset to the seed."""
-    predictor.steps_override, predictor.samples_override = steps, samples
-    predictor.generator.manual_seed(int(predictor.seed if predictor.seed is not None else predictor.diffusion["seed"]))
+def _predict(predictor, data: torch.Tensor, steps: int | None = None, samples: int | None = None) -> torch.Tensor:
+    """Blended logits ``(C, *spatial)`` (+ the native map) of one preprocessed case; a diffusion model at a budget
+    with the generator reset to the seed, the stock model as it predicts."""
+    if predictor.diffusion is not None:
+        predictor.steps_override, predictor.samples_override = steps, samples
+        predictor.generator.manual_seed(int(predictor.seed if predictor.seed is not None
+                                            else predictor.diffusion["seed"]))
     return predictor.predict_sliding_window_return_logits(data)
 
 
-def _calibrate(passes: list, steps: int, samples: int) -> dict:
-    """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case)
-    and, when the sampler writes a native map, the error map of that map and of the exported probabilities'
-    margin at the fitted temperature (``error_map``; :func:`~diffnnunet.inference.calibration.fit_error_map`) with
-    the validation AUROC before (the raw map) and after."""
+def _calibrate(passes: list, steps: int | None = None, samples: int | None = None) -> dict:
+    """Temperature fitted on the validation voxels predicted at the chosen budget (a seeded voxel subset per case),
+    then the error map (``error_map``; :func:`~diffnnunet.inference.calibration.fit_error_map`) of the native map
+    or of the exported probabilities' margin at the fitted temperature, whichever finds held-out errors better
+    (the stock model: the margin), with the validation AUROC of the raw input (``auroc_before``: the native map,
+    or the margin without one) and the held-out AUROC of the error map (``auroc_after``)."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
-    from diffnnunet.inference.calibration import (
-        calibrate,
-        error_voxels,
-        exported_margin,
-        fit_error_map,
-        sample_voxels,
-    )
+    from diffnnunet.inference.calibration import calibrate, error_voxels, exported_margin, fit_error_map, sample_voxels
     rng = np.random.default_rng(0)
     voxels, maps = [], []
     for predictor, dataset, keys in passes:
@@ -146,22 +143,24 @@ def _calibrate(passes: list, steps: int, samples: int) -> dict:
         heads = lm.num_segmentation_heads
         for key in tqdm(keys, desc="calibration"):
             data, ref = load_preprocessed_case(dataset, key)
-            out = _predict(predictor, data, steps, samples)
+            out = _predict(predictor, data, steps, samples).float().cpu()
             voxels.append(sample_voxels(out[:heads], ref, lm, rng))
-            if out.shape[0] > heads:
-                pred = lm.convert_logits_to_segmentation(out[:heads].float())
-                pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
-                maps.append(error_voxels(pred, out[-1].float().numpy(), ref, lm, rng, logits=out[:heads]))
+            pred = lm.convert_logits_to_segmentation(out[:heads])
+            pred = pred.numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            native = out[heads].numpy() if out.shape[0] > heads else None
+            maps.append(error_voxels(pred, native, ref, lm, rng, out[:heads]))
     has_regions = passes[0][0].label_manager.has_regions
     result = calibrate(voxels, has_regions)
-    if maps and any(m[2].any() for m in maps) and not all(m[2].all() for m in maps):
-        # the exported probabilities' margin at the fitted temperature: the error map's second input
+    if any(m[2].any() for m in maps) and not all(m[2].all() for m in maps):
+        # the exported probabilities' margin at the fitted temperature
         maps = [(*m[:3], exported_margin(torch.from_numpy(m[3].T) / result["temperature"], has_regions).numpy())
                 for m in maps]
-        fit = fit_error_map(maps, passes[0][0].uncertainty_measure)
-        u, wrong = (np.concatenate([m[i] for m in maps]) for i in (1, 2))
+        predictor = passes[0][0]
+        fit = fit_error_map(maps, predictor.uncertainty_measure if predictor.diffusion is not None else "margin")
+        raw = 1 if maps[0][1] is not None else 3
+        u, wrong = (np.concatenate([m[i] for m in maps]) for i in (raw, 2))
         fit["auroc_before"] = auroc_from_histograms(uncertainty_counts(u, wrong)["counts"])
-        fit["auroc_after"] = fit["validation_auroc"][fit["inputs"]]  # the chosen map on these same voxels
+        fit["auroc_after"] = fit["validation_auroc"][fit["inputs"]]  # held out: scored with the other half's fit
         result["error_map"] = fit
     return result
 
@@ -180,8 +179,10 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
                   write: bool = True, calibration: bool = True) -> dict:
     """Validation Dice, ECE and uncertainty AUROC (the chains' map in the plans' measure against the errors, exact)
     of every (steps, samples) in the grid on each fold's validation cases, the choice by :func:`choose_budget`; with
-    ``calibration`` a temperature fitted at the chosen budget on the same cases; returns and (with ``write``)
-    stores the choice in ``model_folder/sampling.json`` (atomically)."""
+    ``calibration`` a temperature and an error map fitted at the chosen budget on the same cases; returns and
+    (with ``write``) stores the choice in ``model_folder/sampling.json`` (atomically). A stock nnU-Net model has no
+    budget: it gets the same calibration (temperature and the error map of its margin, predicted with its mirroring
+    as diffnnunet_predict does by default), so that its uncertainty is compared like for like."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from diffnnunet.evaluation.uncertainty import (
@@ -205,12 +206,18 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
                                        seed=seed, allow_tqdm=False, use_tuned_sampling=False,
                                        save_uncertainty=True)
         predictor.initialize_from_trained_model_folder(model_folder, [fold], checkpoint)
-        if predictor.diffusion is None:
-            raise RuntimeError(f"{model_folder}: not a diffusion model, there is no sampling budget to tune")
+        stock = predictor.diffusion is None
+        if stock and not calibration:
+            raise RuntimeError(f"{model_folder}: not a diffusion model, there is no sampling budget to tune (its "
+                               "calibration is all the tuning does for it)")
+        predictor.use_mirroring = stock  # as diffnnunet_predict predicts by default: stock nnU-Net with its TTA
         data_folder = join(preprocessed_dataset_folder, predictor.configuration_manager.data_identifier)
         dataset = infer_dataset_class(data_folder)(data_folder)
         keys = validation_keys(preprocessed_dataset_folder, fold)[:max_cases]
         passes.append((predictor, dataset, keys))
+        if stock:
+            cases_used += len(keys)
+            continue
         lm = predictor.label_manager
         for key in tqdm(keys, desc=f"fold {fold}: tuning {len(grid)} budgets"):
             data, ref = load_preprocessed_case(dataset, key)
@@ -232,6 +239,10 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
             cases_used += 1
     if cases_used == 0:
         raise RuntimeError(f"{model_folder}: the folds {list(folds)} have no validation cases to tune on")
+    if passes[0][0].diffusion is None:
+        return _write_summary(model_folder, {"calibration": _calibrate(passes), "mirroring": True,
+                                             "folds": [int(f) for f in folds], "cases": cases_used,
+                                             "checkpoint": checkpoint, "geometry": "preprocessed"}, write)
     results = [{"steps": s, "samples": n, "evaluations": s * n, "dice": _dice(counts[(s, n)]),
                 "ece": ece_from_bins(ece_bins[(s, n)]),
                 "auroc": (auroc_from_histograms(merge_counts(unc_counts[(s, n)])["counts"])
@@ -246,6 +257,11 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
                "checkpoint": checkpoint, "geometry": "preprocessed"}
     if calibration:
         summary["calibration"] = _calibrate(passes, chosen["steps"], chosen["samples"])
+    return _write_summary(model_folder, summary, write)
+
+
+def _write_summary(model_folder: str, summary: dict, write: bool) -> dict:
+    """``summary`` into ``model_folder/sampling.json`` (atomically) with ``write``; returns it."""
     if write:
         path = join(model_folder, SAMPLING_FILE)
         with open(partial_path(path), "w") as f:

@@ -143,33 +143,25 @@ class FoldStatistics:
         self.count = 0
         self.within = self.shift = self.d_sum = self.d_sq = self.h_sum = None
 
-    def add(self, parts: torch.Tensor, weight: float = 1.0) -> None:
-        """One group's parts; ``weight``: its share of the chains (its chain count), equal for folds."""
+    def add(self, parts: torch.Tensor) -> None:
+        """One fold's parts."""
         parts = parts.float()
         c = {"std": parts.shape[1] // 2, "mi_entropy": 2}.get(self.measure, 1)
         within, p = parts[:, :c], parts[:, c:]
         if self.measure == "std":
-            within = within * within  # the group's per-channel variance
+            within = within * within  # the fold's per-channel variance
         if self.shift is None:
-            self.shift = p  # sums relative to the first group's mean: no cancellation when the groups agree
+            self.shift = p  # sums relative to the first fold's mean: no cancellation when the folds agree
             self.within, self.d_sum = torch.zeros_like(within), torch.zeros_like(p)
             self.d_sq = torch.zeros_like(p)
             self.h_sum = torch.zeros_like(within[:, :1])
         d = p - self.shift
-        self.within += weight * within
-        self.d_sum += weight * d
-        self.d_sq += weight * d * d
+        self.within += within
+        self.d_sum += d
+        self.d_sq += d * d
         if self.measure != "std":
-            self.h_sum += weight * normalized_entropy(p, self.categorical)
-        self.count += weight
-
-    def parts(self) -> torch.Tensor:
-        """The pooled chains' parts in :meth:`ChainStatistics.map`'s ``measure + FOLD_PARTS`` layout, so groups
-        combined here (e.g. mirror views within a window) combine again over folds."""
-        mean = self.shift + self.d_sum / self.count
-        if self.measure == "std":
-            return torch.cat([self._channel_std(), mean], 1)
-        return torch.cat([self._pooled(), mean], 1)
+            self.h_sum += normalized_entropy(p, self.categorical)
+        self.count += 1
 
     def _channel_std(self) -> torch.Tensor:
         """Per channel sqrt(within + between variance) ``(B, C, *spatial)`` (std only)."""
@@ -178,7 +170,7 @@ class FoldStatistics:
         return (self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt()
 
     def _pooled(self) -> torch.Tensor:
-        """Each within part's group mean plus the JSD, ``(B, 1, *spatial)`` (the map) for entropy and mutual
+        """Each within part's fold mean plus the JSD, ``(B, 1, *spatial)`` (the map) for entropy and mutual
         information, ``(B, 2, *spatial)`` (entropy, mutual information) for mi_entropy."""
         f = self.count
         jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
