@@ -13,11 +13,22 @@ Default data: the demo's (2D ICBM152 slices, generated in --workdir, training an
 ``--set KEY=VALUE`` overrides a diffusion plans key of every diffusion trainer for the whole run (dotted keys
 reach into sections: ``--set ema.enabled=false optimizer.initial_lr=1e-4``): the ablation switch.
 
+``--suite`` is the development benchmark suite: every trainer through the default command lines
+(``diffnnunet_plan_and_preprocess``, ``diffnnunet_train`` with its end-of-training tuning and calibration,
+``diffnnunet_predict --save_uncertainty --save_probabilities``, ``diffnnunet_evaluate``), each in its own process, on
+four datasets built from data that ships inside packages (diffnnunet/datasets/subjects.py): ``brain3d`` (3D,
+independent warped subjects), ``skullstripped2d`` (zero background outside the brain), ``nuclei2d`` (four labels, two
+small) and ``demo``; three training seeds (``--seed``) by default; one table per dataset with mean ± sd over seeds
+and the worst Dice gap / ECE ratio against nnUNetTrainer. Runs already in ``--workdir`` are reused, so an
+interrupted suite continues where it stopped.
+
 The last lines are ``worst_dice_gap=G worst_ece_ratio=R``: over the diffusion trainers and budgets (means over
 seeds), the minimum of (trainer Dice - nnUNetTrainer Dice) and the maximum of trainer ECE / nnUNetTrainer ECE.
 
     python benchmarks/quality.py                                 # demo data, all trainers, budgets 1 and 4, 2 seeds
     python benchmarks/quality.py --trainers DiffUNetTrainer --budgets 1 --seeds 0 --set ema.enabled=false
+    python benchmarks/quality.py --suite --workdir suite                 # every trainer, 4 datasets, 3 seeds
+    python benchmarks/quality.py --suite --datasets nuclei2d --trainers nnUNetTrainer DiffUNetTrainer
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -34,6 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from diffnnunet.utils import merge_nested as merge  # noqa: E402  (the plans section and the --set overrides)
 
 BASELINE = "nnUNetTrainer"
+#: the suite's datasets: (dataset id, configuration); the subjects' are built by diffnnunet.datasets.subjects
+SUITE = {"brain3d": (981, "3d_fullres"), "skullstripped2d": (982, "2d"), "nuclei2d": (983, "2d"), "demo": (990, "2d")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true",
                    help="skip nnUNetTrainer (ablations of the diffusion trainers; no gap line then)")
     p.add_argument("--json", default=None, help="also write every run's numbers to this file")
+    p.add_argument("--suite", action="store_true", help="the development suite (module docstring); --seeds "
+                                                        "defaults to 0 1 2 there")
+    p.add_argument("--datasets", nargs="+", default=list(SUITE), choices=list(SUITE), help="suite datasets")
     return p
 
 
@@ -148,8 +165,9 @@ def prepare(args) -> dict:
             "labels_or_regions": lm.foreground_regions if lm.has_regions else lm.foreground_labels}
 
 
-def summarise(runs: list) -> tuple[str, float, float]:
-    """Mean and half-range over seeds per (trainer, budget); the worst gaps against the baseline."""
+def summarise(runs: list, spread: str = "half-range") -> tuple[str, float, float]:
+    """Mean and half-range (or ``spread="sd"``: sample standard deviation, 0 for one seed) over seeds per (trainer,
+    budget); the worst gaps against the baseline."""
     keys = ("Dice", "HD95", "NSD", "ECE", "AUROC", "train_s", "predict_s")
     groups: dict = {}
     for r in runs:
@@ -161,10 +179,13 @@ def summarise(runs: list) -> tuple[str, float, float]:
         for k in keys:
             vals = [r[k] for r in rs if r[k] is not None]
             mean = statistics.fmean(vals) if vals else float("nan")
-            spread = (max(vals) - min(vals)) / 2 if vals else float("nan")
+            if spread == "sd":
+                width = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            else:
+                width = (max(vals) - min(vals)) / 2 if vals else float("nan")
             means[(trainer, budget, k)] = mean
-            cells.append(f"{mean:8.4f}±{spread:6.4f}" if k not in ("train_s", "predict_s")
-                         else f"{mean:9.1f}±{spread:5.1f}")
+            cells.append(f"{mean:8.4f}±{width:6.4f}" if k not in ("train_s", "predict_s")
+                         else f"{mean:9.1f}±{width:5.1f}")
         lines.append(f"{trainer:>16s} {'x' + str(budget):>6s} {len(rs):5d} " + " ".join(cells))
     gaps, ratios = [], []
     for (trainer, budget), _ in groups.items():
@@ -176,8 +197,100 @@ def summarise(runs: list) -> tuple[str, float, float]:
     return "\n".join(lines), (min(gaps) if gaps else float("nan")), (max(ratios) if ratios else float("nan"))
 
 
+def _cli(module: str, argv: list, env: dict, log) -> float:
+    """``python -m diffnnunet.cli.<module> argv`` in its own process (the default command line); seconds. A
+    failure stops the suite with the command's last error line."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", f"diffnnunet.cli.{module}", *map(str, argv)], env=env,
+                          stdout=log, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"suite: diffnnunet.cli.{module} {' '.join(map(str, argv))} failed: {last}")
+    return time.perf_counter() - start
+
+
+def make_suite_dataset(name: str, raw_root: str) -> str:
+    """The raw folder of a suite dataset (built once)."""
+    from diffnnunet.datasets.icbm152 import make_icbm152_dataset
+    from diffnnunet.datasets.subjects import SUITE_DATASETS, make_subjects_dataset
+    if name == "demo":
+        return make_icbm152_dataset(raw_root, SUITE["demo"][0])
+    return make_subjects_dataset(raw_root, **SUITE_DATASETS[name])
+
+
+def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log) -> dict:
+    """One trainer, one seed on one suite dataset through the command lines: train (default tuning), predict,
+    evaluate; the row of :func:`summarise`."""
+    dataset_id, configuration = SUITE[name]
+    env = dict(env, nnUNet_results=os.path.join(os.path.dirname(env["nnUNet_results"]), f"nnUNet_results_s{seed}"))
+    t_train = _cli("train", [dataset_id, trainer, 0, "-c", configuration, "--epochs", args.epochs,
+                             "--iterations-per-epoch", args.iterations_per_epoch, "--val-iterations",
+                             args.val_iterations, "--seed", seed, "-device", args.device], env, log)
+    out = os.path.join(args.workdir, name, "predictions", f"{trainer}_s{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    t_pred = _cli("predict", ["-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", dataset_id, "-tr", trainer, "-f",
+                              0, "-c", configuration, "--save_uncertainty", "--save_probabilities", "-device",
+                              args.device], env, log)
+    _cli("evaluate", ["-ref", os.path.join(raw, "labelsTs"), "-pred", out, "-djfile",
+                      os.path.join(out, "dataset.json"), "-o", os.path.join(out, "summary.json")], env, log)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
+    return {"dataset": name, "trainer": trainer, "budget": 1, "seed": seed, "Dice": fg["Dice"], "HD95": fg["HD95"],
+            "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
+            "train_s": t_train, "predict_s": t_pred,
+            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()}}
+
+
+def run_suite(args, trainers: list) -> None:
+    """Every dataset of ``args.datasets``, every trainer, every seed (module docstring); one table per dataset."""
+    seeds = args.seeds if args.seeds_given else [0, 1, 2]
+    all_runs = []
+    for name in args.datasets:
+        root = os.path.abspath(os.path.join(args.workdir, name))
+        env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
+                   nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
+                   nnUNet_results=os.path.join(root, "nnUNet_results"), nnUNet_n_proc_DA="2",
+                   nnUNet_def_n_proc="2")
+        for k in ("nnUNet_raw", "nnUNet_preprocessed"):
+            os.makedirs(env[k], exist_ok=True)
+        os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+        with open(os.path.join(root, "commands.log"), "a") as log:
+            dataset_id, configuration = SUITE[name]
+            raw = [os.path.join(env["nnUNet_raw"], d) for d in os.listdir(env["nnUNet_raw"])
+                   if d.startswith(f"Dataset{dataset_id:03d}_")]
+            raw = raw[0] if raw else make_suite_dataset(name, env["nnUNet_raw"])
+            if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw),
+                                              f"nnUNetPlans_{configuration}")):
+                _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
+            for seed in seeds:
+                for trainer in trainers:
+                    done = os.path.join(root, "runs", f"{trainer}_s{seed}.json")
+                    if os.path.isfile(done):
+                        all_runs.append(json.load(open(done)))
+                        continue
+                    start = time.perf_counter()
+                    row = suite_run(name, trainer, seed, args, raw, env, log)
+                    os.makedirs(os.path.dirname(done), exist_ok=True)
+                    with open(done, "w") as f:
+                        json.dump(row, f, indent=2)
+                    all_runs.append(row)
+                    print(f"[{name}] {trainer} seed {seed}: Dice {row['Dice']:.4f} HD95 {row['HD95']:.2f} ECE "
+                          f"{row['ECE'] or float('nan'):.4f} AUROC {row['AUROC'] or float('nan'):.4f} "
+                          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": all_runs}, f, indent=2)
+    print(f"\n== suite: {args.epochs} x {args.iterations_per_epoch} iterations, fold 0, seeds {seeds}; mean ± sd "
+          "over seeds")
+    for name in args.datasets:
+        runs = [r for r in all_runs if r["dataset"] == name]
+        table, gap, ratio = summarise(runs, spread="sd")
+        print(f"\n-- {name}\n{table}\nworst_dice_gap={gap:.4f} worst_ece_ratio={ratio:.3f}")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    args.seeds_given = "--seeds" in (argv if argv is not None else sys.argv[1:])
     from diffnnunet.trainers import TRAINERS
     trainers = args.trainers or [t for t in TRAINERS if t != "DiffusionTrainer"]
     unknown = [t for t in trainers if t not in TRAINERS]
@@ -188,6 +301,8 @@ def main(argv=None) -> None:
     elif BASELINE not in trainers:
         trainers = [BASELINE, *trainers]
     os.makedirs(args.workdir, exist_ok=True)
+    if args.suite:
+        return run_suite(args, trainers)
     start = time.perf_counter()
     ctx = prepare(args)
     originals = apply_overrides(os.environ["nnUNet_preprocessed"], ctx["dataset"], parse_overrides(args.set))
