@@ -97,6 +97,26 @@ def test_batched_windows_blend_like_nnunet(dim):
         torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 
 
+def test_uncertainty_is_blended_in_float32(dim):
+    """The native map is accumulated with the Gaussian weights in float32 (its fold parts are later subtracted from
+    one another): it matches a float64 blend of the same windows to 1e-5, where float16 buffers are off by ~1e-3."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+    _, ours = _predictors(dim, save_uncertainty=True)
+    data = torch.randn(2, *((2, 30, 23) if dim == 2 else (9, 30, 23)))
+    slicers = ours._internal_get_sliding_window_slicers(data.shape[1:])
+    with torch.inference_mode():
+        got = ours._internal_predict_sliding_window_return_logits(data, slicers, False)
+        assert got.dtype == torch.float32
+        g = compute_gaussian(tuple(ours.configuration_manager.patch_size), sigma_scale=1. / 8,
+                             value_scaling_factor=10, device=torch.device("cpu")).double()
+        acc, w = torch.zeros(data.shape[1:], dtype=torch.float64), torch.zeros(data.shape[1:], dtype=torch.float64)
+        for sl in slicers:
+            u = ours.network.sample(data[sl][None], 1, 1, return_uncertainty=True)[1][0, 0].double()
+            acc[sl[1:]] += u * g
+            w[sl[1:]] += g
+    torch.testing.assert_close(got[3].double(), acc / w, atol=1e-5, rtol=1e-5)
+
+
 def test_categorical_probabilities_go_through_log():
     p = torch.tensor([0.7, 0.2, 0.1]).reshape(3, 1)
     torch.testing.assert_close(torch.softmax(probabilities_to_logits(p, False, "categorical"), 0), p)

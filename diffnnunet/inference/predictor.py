@@ -253,7 +253,9 @@ class DiffusionPredictor(nnUNetPredictor):
     def _internal_predict_sliding_window_return_logits(self, data: torch.Tensor, slicers, do_on_device: bool = True):
         """nnU-Net's Gaussian-weighted sliding window, ``windows_per_forward`` windows per sampler call. Returns
         blended probabilities ``(C, *spatial)``, plus the blended native uncertainty when ``save_uncertainty`` is on
-        and the method has one: one last channel, or with ``fold_parts`` the map's parts (FoldStatistics)."""
+        and the method has one: one last channel, or with ``fold_parts`` the map's parts (FoldStatistics). The
+        probabilities accumulate in float16 like nnU-Net's; the map and its weights in float32 (its fold parts are
+        later subtracted from one another), so the result is float32."""
         if self.diffusion is None:
             return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -280,17 +282,20 @@ class DiffusionPredictor(nnUNetPredictor):
                     weights[sl[1:]] += gaussian
                 if unc is not None:
                     if uncertainty is None:
-                        uncertainty = torch.zeros((unc.shape[1], *data.shape[1:]), dtype=torch.half,
+                        uncertainty = torch.zeros((unc.shape[1], *data.shape[1:]), dtype=torch.float32,
                                                   device=results_device)
-                    unc = unc.to(results_device) * gaussian
+                        map_weights = torch.zeros(data.shape[1:], dtype=torch.float32, device=results_device)
+                    unc = unc.to(results_device).float() * gaussian.float()
                     for i, sl in enumerate(group):
                         uncertainty[(slice(None), *sl[1:])] += unc[i]
+                        map_weights[sl[1:]] += gaussian.float()
                 bar.update(len(group))
-        predicted = predicted if uncertainty is None else torch.cat([predicted, uncertainty])
         torch.div(predicted, weights, out=predicted)
         if torch.any(torch.isinf(predicted)):
             raise RuntimeError("inf in the blended prediction (float16 overflow of the Gaussian weights)")
-        return predicted
+        if uncertainty is None:
+            return predicted
+        return torch.cat([predicted.float(), uncertainty / map_weights])
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """nnU-Net's per-case prediction (all folds), with the sampling generator restarted at the seed for every
