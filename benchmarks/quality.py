@@ -165,10 +165,10 @@ def prepare(args) -> dict:
             "labels_or_regions": lm.foreground_regions if lm.has_regions else lm.foreground_labels}
 
 
-def summarise(runs: list, spread: str = "half-range") -> tuple[str, float, float]:
+def summarise(runs: list, spread: str = "half-range",
+              keys=("Dice", "HD95", "NSD", "ECE", "AUROC", "train_s", "predict_s")) -> tuple[str, float, float]:
     """Mean and half-range (or ``spread="sd"``: sample standard deviation, 0 for one seed) over seeds per (trainer,
-    budget); the worst gaps against the baseline."""
-    keys = ("Dice", "HD95", "NSD", "ECE", "AUROC", "train_s", "predict_s")
+    budget) of ``keys``; the worst gaps against the baseline."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["trainer"], r["budget"]), []).append(r)
@@ -177,7 +177,7 @@ def summarise(runs: list, spread: str = "half-range") -> tuple[str, float, float
     for (trainer, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != BASELINE, kv[0][0])):
         cells = []
         for k in keys:
-            vals = [r[k] for r in rs if r[k] is not None]
+            vals = [r[k] for r in rs if r.get(k) is not None]
             mean = statistics.fmean(vals) if vals else float("nan")
             if spread == "sd":
                 width = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -238,7 +238,28 @@ def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log
     return {"dataset": name, "trainer": trainer, "budget": 1, "seed": seed, "Dice": fg["Dice"], "HD95": fg["HD95"],
             "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
             "train_s": t_train, "predict_s": t_pred,
-            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()}}
+            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()},
+            **validation_figures(os.path.join(env["nnUNet_results"], os.path.basename(raw)), trainer, configuration)}
+
+
+def validation_figures(results: str, trainer: str, configuration: str) -> dict:
+    """What the protocol chooses defaults on: fold 0's validation figures of a trained model, from nnU-Net's
+    validation summary (``val_Dice``: foreground mean Dice of the final validation) and the tuning's sampling.json
+    (``val_ECE`` after the temperature, ``val_AUROC``: the error map's held-out AUROC; the budget it chose)."""
+    from diffnnunet.trainers import default_plans_for, get_trainer_class
+    folder = os.path.join(results, f"{trainer}__{default_plans_for(get_trainer_class(trainer))}__{configuration}")
+    out = {}
+    summary = os.path.join(folder, "fold_0", "validation", "summary.json")
+    if os.path.isfile(summary):
+        out["val_Dice"] = json.load(open(summary))["foreground_mean"]["Dice"]
+    tuned = os.path.join(folder, "sampling.json")
+    if os.path.isfile(tuned):
+        t = json.load(open(tuned))
+        cal = t.get("calibration") or {}
+        out.update(val_ECE=cal.get("ece_after"), val_AUROC=(cal.get("error_map") or {}).get("auroc_after"),
+                   budget_tuned=[t["sampling_steps"], t["samples_per_step"]] if "sampling_steps" in t else None,
+                   error_map_input=(cal.get("error_map") or {}).get("inputs"))
+    return out
 
 
 def run_suite(args, trainers: list) -> None:
@@ -285,7 +306,9 @@ def run_suite(args, trainers: list) -> None:
     for name in args.datasets:
         runs = [r for r in all_runs if r["dataset"] == name]
         table, gap, ratio = summarise(runs, spread="sd")
-        print(f"\n-- {name}\n{table}\nworst_dice_gap={gap:.4f} worst_ece_ratio={ratio:.3f}")
+        validation = summarise(runs, spread="sd", keys=("val_Dice", "val_ECE", "val_AUROC"))[0]
+        print(f"\n-- {name}: test cases\n{table}\nworst_dice_gap={gap:.4f} worst_ece_ratio={ratio:.3f}\n"
+              f"-- {name}: fold 0 validation cases (what defaults are chosen on)\n{validation}")
 
 
 def main(argv=None) -> None:
