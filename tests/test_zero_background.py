@@ -22,7 +22,8 @@ TRAINER, PLANS = "DiffUNetTrainer", "DiffnnUNetPlans"
 def env(tmp_path_factory):
     yield from synthetic_cli_env(
         tmp_path_factory.mktemp("zero_bg"), IDS,
-        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
+        [["-d", str(IDS[2]), "-c", "2d", "-np", "2", "-methods", "diff_unet"],
+         ["-d", str(IDS[3]), "-c", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
         PLANS, dataset_kwargs={"zero_background": True})
 
 
