@@ -215,6 +215,34 @@ def test_predictor_writes_the_error_map_only_for_its_measure():
     assert torch.equal(ours._apply_error_map(out), out)
 
 
+def test_plans_of_the_removed_mi_entropy_read_the_mutual_information(monkeypatch, capsys):
+    """MedSegDiff-V2 plans of the previous version store ``"uncertainty": "mi_entropy"`` (removed): the predictor
+    reads the mutual information, with one warning line on stderr however often it asks; the error map fitted for
+    mi_entropy no longer matches the measure and is not applied to the native map."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from diffnnunet.methods import uncertainty
+    from tests.test_inference import _predictors
+    monkeypatch.setattr(uncertainty, "_warned_removed", set())
+    _, ours = _predictors(2, save_uncertainty=True)
+    ours.label_manager = LabelManager({"background": 0, "a": 1}, None)
+    ours.diffusion.update(uncertainty="mi_entropy")
+    assert [ours.uncertainty_measure for _ in range(3)] == ["mutual_information"] * 3
+    err = capsys.readouterr().err
+    assert err == ("warning: uncertainty measure 'mi_entropy' was removed; using 'mutual_information' (re-run "
+                   "diffnnunet_tune_sampling to refit the error map)\n")
+    u, wrong = np.repeat([0.1, 0.9], 100), np.repeat([False, True], 100)
+    fit = fit_error_map([_voxels(np.ones(200), u, wrong)], "mi_entropy")
+    assert fit["inputs"] == "map"
+    ours.tuned_sampling = {"error_map": fit}
+    out = torch.cat([torch.tensor([[0.0, 0.0], [5.0, 5.0]]).reshape(2, 1, 2), torch.full((1, 1, 2), 0.9)])
+    assert torch.equal(ours._apply_error_map(out), out)
+    ours.diffusion.update(uncertainty="mutual_information")  # the same map fitted for the measure read: applied
+    ours.tuned_sampling = {"error_map": {**fit, "measure": "mutual_information"}}
+    assert not torch.equal(ours._apply_error_map(out), out)
+    assert capsys.readouterr().err == ""
+
+
 # -- the error map's second input: the exported probabilities' margin ----------------------------------------------
 def test_exported_margin_by_hand():
     """Labels: softmax(log(0.5, 0.3, 0.2)) = (0.5, 0.3, 0.2), margin 0.2, h = 0.8; a certain voxel h = 0.

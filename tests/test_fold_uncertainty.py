@@ -29,27 +29,24 @@ def test_two_folds_decompose_into_the_pooled_chains(spatial):
     """One sigmoid channel. Fold A's chains give 0.9 and 0.7, fold B's 0.1 and 0.3. Pooled, the four chains have
     mean 0.5: entropy h(0.5) = 1; mutual information 1 - (h(0.9) + h(0.7) + h(0.1) + h(0.3)) / 4 = 1 - 0.675144
     = 0.324856; std sqrt((0.4^2 + 0.2^2 + 0.4^2 + 0.2^2) / 4) = sqrt(0.1) = 0.316228. Averaging the folds' own
-    maps would give h(0.8) = 0.721928, 0.721928 - 0.675144 = 0.046784 and 0.1. mi_entropy: sqrt(1 x 0.324856) =
-    0.569961 pooled (not linear in the folds' maps, so no average to compare)."""
+    maps would give h(0.8) = 0.721928, 0.721928 - 0.675144 = 0.046784 and 0.1."""
     folds = [_fold([[0.9], [0.7]], spatial, False), _fold([[0.1], [0.3]], spatial, False)]
     for measure, pooled, averaged in (("entropy", 1.0, H08), ("mutual_information", 0.324856, 0.046784),
-                                      ("std", 0.316228, 0.1), ("mi_entropy", 0.569961, None)):
+                                      ("std", 0.316228, 0.1)):
         got = _combined(folds, measure, categorical=False)
         assert got.shape == (1, 1, *spatial)
         torch.testing.assert_close(got, torch.full_like(got, pooled), atol=2e-6, rtol=0, msg=measure)
-        if averaged is not None:  # mi_entropy is not linear in its parts: no mean of the folds' maps to compare
-            mean_of_maps = (folds[0].map(measure) + folds[1].map(measure)) / 2
-            torch.testing.assert_close(mean_of_maps, torch.full_like(got, averaged), atol=2e-6, rtol=0, msg=measure)
+        mean_of_maps = (folds[0].map(measure) + folds[1].map(measure)) / 2
+        torch.testing.assert_close(mean_of_maps, torch.full_like(got, averaged), atol=2e-6, rtol=0, msg=measure)
 
 
 def test_folds_that_agree_internally_but_not_with_each_other(spatial):
     """Categorical, two classes: every chain of fold A gives (0.8, 0.2), every chain of fold B (0.2, 0.8). Each
     fold alone: entropy h(0.8) = 0.721928, mutual information 0, std 0. Together: entropy h(0.5) = 1, mutual
-    information 1 - 0.721928 = 0.278072, std 0.3 in both channels, mi_entropy 0 alone and sqrt(1 x 0.278072) =
-    0.527325 together."""
+    information 1 - 0.721928 = 0.278072, std 0.3 in both channels."""
     folds = [_fold([[0.8, 0.2]] * 3, spatial, True), _fold([[0.2, 0.8]] * 3, spatial, True)]
     for measure, alone, together in (("entropy", H08, 1.0), ("mutual_information", 0.0, 1 - H08),
-                                     ("std", 0.0, 0.3), ("mi_entropy", 0.0, 0.527325)):
+                                     ("std", 0.0, 0.3)):
         for st in folds:
             torch.testing.assert_close(st.map(measure), torch.full((1, 1, *spatial), alone), atol=2e-6, rtol=0)
         got = _combined(folds, measure, categorical=True)
@@ -63,7 +60,7 @@ def test_one_fold_or_identical_folds_give_the_fold_map(spatial, measure):
     st = ChainStatistics(categorical=False)
     st.add(chains)
     parts = st.map(measure + FOLD_PARTS)
-    assert parts.shape == (2, {"std": 6, "mi_entropy": 5}.get(measure, 4), *spatial)
+    assert parts.shape == (2, 6 if measure == "std" else 4, *spatial)
     one = FoldStatistics(measure, False)
     one.add(parts)
     same = FoldStatistics(measure, False)

@@ -44,14 +44,14 @@ def _predictor(dim, samples, measure="mutual_information", mirroring=False):
 @pytest.mark.parametrize("measure", MEASURES)
 def test_without_mirroring_every_chain_runs_on_the_window_as_it_is(dim, measure):
     """One call with all S chains on the unflipped window: every chain gives 0.8 in the first half, so the chains
-    agree: entropy h(0.8) = 0.721928, mutual information, std and mi_entropy 0."""
+    agree: entropy h(0.8) = 0.721928, mutual information and std 0."""
     x = torch.zeros(3, 1, *((6, 4) if dim == 2 else (6, 4, 2)))
     p = _predictor(dim, 3, measure)
     with torch.inference_mode():
         probs, unc = p._sample_windows(x)
     assert p.network.calls == [3]
     torch.testing.assert_close(probs[:, 0, :3], torch.full_like(probs[:, 0, :3], 0.8), atol=1e-6, rtol=0)
-    off = {"entropy": H08, "mutual_information": 0.0, "std": 0.0, "mi_entropy": 0.0}[measure]
+    off = {"entropy": H08, "mutual_information": 0.0, "std": 0.0}[measure]
     torch.testing.assert_close(unc, torch.full_like(unc, off), atol=2e-6, rtol=0, msg=measure)
 
 

@@ -8,7 +8,7 @@ import sys
 from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_env, resolve_dataset_name
 
 #: diffnnunet.methods.uncertainty.MEASURES, spelled out so that parsing arguments imports no torch
-UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std", "mi_entropy")
+UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sampling chains for diffusion models, the normalized softmax entropy for nnU-Net models)")
     p.add_argument("--uncertainty", default=None, choices=UNCERTAINTY_MEASURES,
                    help="the diffusion models' native map, from the sampling chains of each window: entropy "
-                        "(predictive entropy of their mean), mutual_information (the chains' disagreement) or std; "
-                        "default: the plans' (mutual_information for Diff-UNet, entropy for BerDiff and LDSeg)")
+                        "(predictive entropy of their mean), mutual_information (the chains' disagreement) or std "
+                        "(their per-voxel standard deviation); default: the plans' `uncertainty` key "
+                        "(mutual_information for every method)")
     p.add_argument("--raw_uncertainty", action="store_true",
                    help="write the --uncertainty map as the chains give it, not the probability that the voxel is "
                         "wrong fitted to it on the validation cases by the tuning (sampling.json's error_map)")

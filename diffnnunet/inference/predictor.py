@@ -163,7 +163,10 @@ class DiffusionPredictor(nnUNetPredictor):
 
     @property
     def uncertainty_measure(self) -> str:
-        return self.uncertainty_override or self.diffusion.get("uncertainty", "entropy")
+        """``uncertainty`` (the command line's) or the plans' measure, a removed one read as its replacement
+        (:func:`~diffnnunet.methods.uncertainty.plans_measure`: plans of earlier versions keep loading)."""
+        from diffnnunet.methods.uncertainty import plans_measure
+        return self.uncertainty_override or plans_measure(self.diffusion.get("uncertainty", "entropy"))
 
     @property
     def samples_per_step(self) -> int:

@@ -8,9 +8,6 @@ Every sampler runs S independent chains; each ends in class probabilities p_s ``
   chain gives the same probabilities, whatever they are.
 - ``std``: the per-voxel standard deviation of p_s across the chains (population, 1/S), averaged over channels;
   in [0, 1/2].
-- ``mi_entropy``: sqrt(MI x H(p_bar)), the geometric mean of the mutual information and the total entropy, in
-  [0, 1]: 0 wherever the chains agree (as MI, so chains that agree on a soft probability add nothing), and among
-  the voxels where they disagree graded by how ambiguous their mean is (documentation/inference.md).
 
 H is the categorical entropy -sum_c p_c log p_c / log C for class probabilities that sum to one (``categorical``),
 and the binary entropy averaged over channels, -(p log p + (1-p) log(1-p)) / log 2, for independent per-channel
@@ -23,9 +20,7 @@ the pooled chains of F folds with equal chain counts, p_bar = (1/F) sum_f p_bar_
 - ``entropy``: H(p_bar) = (1/F) sum_f H(p_bar_f) + JSD, with JSD = H(p_bar) - (1/F) sum_f H(p_bar_f) >= 0 (the
   generalised Jensen-Shannon divergence of the folds' means: their disagreement);
 - ``mutual_information``: H(p_bar) - (1/(F S)) sum_{f,s} H(p_fs) = (1/F) sum_f MI_f + JSD;
-- ``std``: per channel Var = (1/F) sum_f Var_f + (1/F) sum_f (p_bar_f - p_bar)^2 (within + between folds);
-- ``mi_entropy``: the entropy and the mutual information as above, each from its own within-fold part, then
-  sqrt(MI x H).
+- ``std``: per channel Var = (1/F) sum_f Var_f + (1/F) sum_f (p_bar_f - p_bar)^2 (within + between folds).
 
 The within-fold terms are each fold's blended map (per channel for ``std``), the between-fold terms come from the
 folds' blended means, so one fold gives back its own map and folds that agree add nothing; where the windows do
@@ -34,12 +29,16 @@ not overlap the result is the measure of all folds' chains pooled.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
-MEASURES = ("entropy", "mutual_information", "std", "mi_entropy")
+MEASURES = ("entropy", "mutual_information", "std")
 #: the measures of the chains' spread: 0 everywhere for one chain (of one fold)
-SPREAD_MEASURES = ("mutual_information", "std", "mi_entropy")
+SPREAD_MEASURES = ("mutual_information", "std")
+#: removed measures that plans of earlier versions may name -> the one read in their place (plans_measure)
+REMOVED_MEASURES = {"mi_entropy": "mutual_information"}
+_warned_removed: set = set()
 #: suffix of a measure that asks ChainStatistics.map for the parts FoldStatistics combines, not for the map
 FOLD_PARTS = "+folds"
 
@@ -50,6 +49,19 @@ def parse_measure(name: str) -> tuple[str, bool]:
     if base not in MEASURES:
         raise ValueError(f"unknown uncertainty measure '{name}' (known: {', '.join(MEASURES)})")
     return base, base != name
+
+
+def plans_measure(name: str) -> str:
+    """The plans' ``uncertainty`` measure, a removed one (:data:`REMOVED_MEASURES`) read as its replacement with one
+    warning line on stderr per process; an error map fitted for the removed measure then no longer matches."""
+    if name not in REMOVED_MEASURES:
+        return name
+    new = REMOVED_MEASURES[name]
+    if name not in _warned_removed:
+        _warned_removed.add(name)
+        print(f"warning: uncertainty measure '{name}' was removed; using '{new}' (re-run diffnnunet_tune_sampling "
+              "to refit the error map)", file=sys.stderr)
+    return new
 
 
 def normalized_entropy(p: torch.Tensor, categorical: bool) -> torch.Tensor:
@@ -117,20 +129,17 @@ class ChainStatistics:
         """The ``measure`` map ``(B, 1, *spatial)``; with one chain every spread measure is 0.
         ``measure + FOLD_PARTS``: the parts :class:`FoldStatistics` combines over folds, ``(B, 1 + C, *spatial)``
         (the map, then p_bar) for entropy and mutual information, ``(B, 2 C, *spatial)`` (the per-channel std,
-        then p_bar) for std, ``(B, 2 + C, *spatial)`` (entropy, mutual information, p_bar) for mi_entropy; every
-        part is linear in the sliding window's blending."""
+        then p_bar) for std; every part is linear in the sliding window's blending."""
         measure, parts = parse_measure(measure)
         if measure != "entropy" and not self.spread:
             raise RuntimeError(f"'{measure}' needs the chains' spread: build ChainStatistics(..., spread=True)")
         if measure == "std":
             std = self.channel_std()
             return torch.cat([std, self.mean()], 1) if parts else std.mean(1, keepdim=True)
-        h = normalized_entropy(self.mean(), self.categorical)
-        mi = None if measure == "entropy" else (h - self.h_sum / self.count).clamp(min=0)  # >= 0 by Jensen
-        within = {"entropy": [h], "mutual_information": [mi], "mi_entropy": [h, mi]}[measure]
-        if parts:
-            return torch.cat([*within, self.mean()], 1)
-        return (h * mi).sqrt() if measure == "mi_entropy" else within[0]
+        u = normalized_entropy(self.mean(), self.categorical)
+        if measure == "mutual_information":
+            u = (u - self.h_sum / self.count).clamp(min=0)  # >= 0 by Jensen; the clamp removes rounding below 0
+        return torch.cat([u, self.mean()], 1) if parts else u
 
 
 class FoldStatistics:
@@ -146,7 +155,7 @@ class FoldStatistics:
     def add(self, parts: torch.Tensor) -> None:
         """One fold's parts."""
         parts = parts.float()
-        c = {"std": parts.shape[1] // 2, "mi_entropy": 2}.get(self.measure, 1)
+        c = parts.shape[1] // 2 if self.measure == "std" else 1
         within, p = parts[:, :c], parts[:, c:]
         if self.measure == "std":
             within = within * within  # the fold's per-channel variance
@@ -169,15 +178,9 @@ class FoldStatistics:
         m = self.d_sum / f
         return (self.within / f + (self.d_sq / f - m * m).clamp(min=0)).sqrt()
 
-    def _pooled(self) -> torch.Tensor:
-        """Each within part's fold mean plus the JSD, ``(B, 1, *spatial)`` (the map) for entropy and mutual
-        information, ``(B, 2, *spatial)`` (entropy, mutual information) for mi_entropy."""
-        f = self.count
-        jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
-        return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0
-
     def map(self) -> torch.Tensor:
         if self.measure == "std":
             return self._channel_std().mean(1, keepdim=True)
-        pooled = self._pooled()
-        return (pooled[:, :1] * pooled[:, 1:2]).sqrt() if self.measure == "mi_entropy" else pooled
+        f = self.count
+        jsd = normalized_entropy(self.shift + self.d_sum / f, self.categorical) - self.h_sum / f
+        return self.within / f + jsd.clamp(min=0)  # JSD >= 0 by Jensen; the clamp removes rounding below 0

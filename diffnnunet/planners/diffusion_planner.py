@@ -109,14 +109,11 @@ DEFAULT_DIFFUSION = {
         "sampling_steps": 10, "samples_per_step": 5, "fusion": "staple", "multiclass": "auto",
         "anchor_alpha": 5, "anchor_beta": 10.0, "u_sa": True, "ss_former": True, "nbp_filter": True,
         "ss_blocks": 4, "ss_dim": 128, "nbp_blocks": 6, "nbp_width": 16, "max_tokens": 64,
-        # the native map: mi_entropy, sqrt(MI x H) of the S x0 chains. Their mutual information (stops 21-26) is 0
-        # where they agree, also over the demo's test background, which sits at another z-score than the training
-        # slices' and where the chains agree on a soft probability (their total entropy alone: test AUROC 0.876);
-        # but within a predicted label it is near chance. The geometric mean keeps the first and grades the voxels
-        # where the chains disagree by how ambiguous their mean is: four demo checkpoints re-tuned, test AUROC
-        # 0.9397 / 0.9427 / 0.9451 / 0.9372 against 0.9347 / 0.9375 / 0.9416 / 0.9332 (medsegdiff_v2.md, "The
-        # map").
-        "uncertainty": "mi_entropy",
+        # the native map: the S x0 chains' mutual information, as every Gaussian method's: 0 where they agree, also
+        # over the demo's test background, which sits at another z-score than the training slices' and where the
+        # chains agree on a soft probability that their total entropy ranks above most errors (medsegdiff_v2.md,
+        # "Two seeds, and the uncertainty map")
+        "uncertainty": "mutual_information",
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the configured recipe without the weight EMA: on the demo (two runs each, same plans) the EMA weights gave
         # test Dice 0.863 and 0.866, the raw weights 0.897 and 0.890, uncertainty AUROC 0.925-0.931 against
