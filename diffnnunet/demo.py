@@ -23,7 +23,7 @@ TRAINERS = ("nnUNetTrainer", "DiffUNetTrainer", "BerDiffTrainer", "MedSegDiffV2T
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="diffnnunet_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="diffnnunet_demo", description=__doc__, allow_abbrev=False)
     p.add_argument("--workdir", default="diffnnunet_demo", help="where raw/preprocessed/results/predictions go")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--iterations-per-epoch", type=int, default=25)

@@ -389,3 +389,64 @@ def test_sigkill_while_writing_checkpoint_keeps_the_previous_one(env, trainer, p
     fold = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_4")
     assert os.path.getsize(os.path.join(fold, ".partial_checkpoint_latest.pth")) > 0  # the half-written file
     assert load_checkpoint_safely(os.path.join(fold, "checkpoint_latest.pth"))["current_epoch"] == 1
+
+
+def test_command_lines_refuse_abbreviations_and_read_nnunet_spellings(monkeypatch):
+    """No prefix matching: nnU-Net's -pretrained_weights is its own option (not -p retrained_weights), --c is
+    nnU-Net's continue, an abbreviation is an error; -npp / -nps default to nnUNet_npp / nnUNet_nps."""
+    from diffnnunet.cli import evaluate as evaluate_cli
+    from diffnnunet.cli import plan_and_preprocess as plan_cli
+    from diffnnunet.cli import tune_sampling as tune_cli
+    args = train.build_parser().parse_args(["1", "DiffUNetTrainer", "0", "-pretrained_weights", "w.pth", "--c"])
+    assert args.pretrained_weights == "w.pth" and args.plans is None and args.continue_training
+    for parser, argv in ((train.build_parser(), ["1", "DiffUNetTrainer", "0", "--conf", "2d"]),
+                         (train.build_parser(), ["1", "DiffUNetTrainer", "0", "--iterations", "3"]),
+                         (predict.build_parser(), ["-i", "a", "-o", "b", "-d", "1", "--save_unc"]),
+                         (tune_cli.build_parser(), ["-d", "1", "--no_cal"]),
+                         (plan_cli.build_parser(), ["-d", "1", "--verify"]),
+                         (evaluate_cli.build_parser(), ["-ref", "a", "-pred", "b", "-djfile", "c", "--plot"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    monkeypatch.setenv("nnUNet_npp", "5")
+    monkeypatch.setenv("nnUNet_nps", "3")
+    args = predict.build_parser().parse_args(["-i", "a", "-o", "b", "-d", "1"])
+    assert (args.npp, args.nps) == (5, 3)
+
+
+@pytest.mark.parametrize("trainer", ["DiffUNetTrainer", "nnUNetTrainer"])
+def test_pretrained_weights_start_the_new_run(env, trainer, capsys):
+    """-pretrained_weights: fold 1 starts from fold 0's network weights (a weight checked), the EMA from them too;
+    nnU-Net's segmentation layers are not transferred; another method's checkpoint is refused naming the file."""
+    import torch
+
+    from diffnnunet.cli.train import load_trainer
+    from diffnnunet.trainers.pretrained import load_pretrained_weights
+    from diffnnunet.utils import load_checkpoint_safely
+    plans = "DiffnnUNetPlans" if trainer == "DiffUNetTrainer" else "nnUNetPlans"
+    ckpt = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_0", "checkpoint_final.pth")
+    if not os.path.isfile(ckpt):
+        _train(2, trainer)
+    stored = load_checkpoint_safely(ckpt)["network_weights"]
+    new = load_trainer(str(IDS[2]), trainer, "1", "2d", None, torch_cpu())
+    assert load_pretrained_weights(new, ckpt) > 0
+    net = getattr(new.network, "_orig_mod", new.network)
+    for key, value in net.state_dict().items():
+        if ".seg_layers." in key:
+            continue
+        torch.testing.assert_close(value, stored[key])
+        if getattr(new, "ema", None) is not None:
+            torch.testing.assert_close(new.ema.shadow[key], stored[key])
+    other = os.path.join(env["nnUNet_results"], NAMES[2],
+                         "nnUNetTrainer__nnUNetPlans__2d" if trainer == "DiffUNetTrainer"
+                         else "DiffUNetTrainer__DiffnnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
+    if not os.path.isfile(other):
+        _train(2, "nnUNetTrainer" if trainer == "DiffUNetTrainer" else "DiffUNetTrainer")
+    with pytest.raises(ValueError, match="checkpoint_final.pth: pretrained"):
+        load_pretrained_weights(load_trainer(str(IDS[2]), trainer, "1", "2d", None, torch_cpu()), other)
+    err = _fail(train.main, [str(IDS[2]), trainer, "1", "-device", "cpu", "-pretrained_weights", other, "--epochs",
+                             "1", "--iterations-per-epoch", "1", "--no-tune"], capsys)
+    assert "pretrained" in err and other in err
+    err = _fail(train.main, [str(IDS[2]), trainer, "1", "-pretrained_weights", ckpt, "--c"], capsys)
+    assert "exclude each other" in err
+    err = _fail(train.main, [str(IDS[2]), trainer, "1", "--val_best", "--disable_checkpointing"], capsys)
+    assert "--val_best needs checkpoint_best" in err

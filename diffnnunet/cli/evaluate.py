@@ -8,7 +8,7 @@ from diffnnunet.cli.common import UserError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffnnunet_evaluate", description=__doc__)
+    p = argparse.ArgumentParser(prog="diffnnunet_evaluate", description=__doc__, allow_abbrev=False)
     p.add_argument("-ref", required=True, help="folder of reference segmentations")
     p.add_argument("-pred", required=True, help="folder of predictions (CASE_uncertainty / CASE.npz are used "
                                                 "for uncertainty quality when present)")

@@ -12,7 +12,8 @@ ALL_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffnnunet_plan_and_preprocess",
-                                description="Fingerprint, plan (nnU-Net baseline + diffusion plans) and preprocess.")
+                                description="Fingerprint, plan (nnU-Net baseline + diffusion plans) and preprocess.",
+                                allow_abbrev=False)
     p.add_argument("-d", nargs="+", required=True, help="dataset IDs or names")
     p.add_argument("-c", nargs="+", default=list(ALL_CONFIGURATIONS), help="configurations to preprocess")
     p.add_argument("-np", type=int, default=None, help="processes (default: nnUNet_def_n_proc or 2)")

@@ -12,7 +12,8 @@ UNCERTAINTY_MEASURES = ("entropy", "mutual_information", "std")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffnnunet_predict", description="Predict a folder of CASE_XXXX images.")
+    p = argparse.ArgumentParser(prog="diffnnunet_predict", description="Predict a folder of CASE_XXXX images.",
+                                allow_abbrev=False)
     p.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-d", required=True, help="dataset ID or name")
@@ -53,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-num_parts", type=int, default=1,
                    help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")
     p.add_argument("-part_id", type=int, default=0, help="which part this run predicts, 0 <= part_id < num_parts")
-    p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
-    p.add_argument("-nps", type=int, default=2, help="export processes")
+    p.add_argument("-npp", type=int, default=int(os.environ.get("nnUNet_npp", 2)),
+                   help="preprocessing processes (default: nnUNet_npp, else 2)")
+    p.add_argument("-nps", type=int, default=int(os.environ.get("nnUNet_nps", 2)),
+                   help="export processes (default: nnUNet_nps, else 2)")
     return p
 
 

@@ -8,7 +8,8 @@ from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_en
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="diffnnunet_train", description="Train one fold of a diffnnunet trainer.")
+    p = argparse.ArgumentParser(prog="diffnnunet_train", description="Train one fold of a diffnnunet trainer.",
+                                allow_abbrev=False)
     p.add_argument("dataset", help="dataset ID or name")
     p.add_argument("trainer", help="trainer name (DiffUNetTrainer, nnUNetTrainer, ...) or dotted path")
     p.add_argument("fold", help="fold 0-4, or 'all'")
@@ -23,8 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the trainer's)")
     p.add_argument("--iterations-per-epoch", type=int, default=None)
     p.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch")
-    p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="resume from checkpoint_latest (or best/final)")
+    p.add_argument("--continue", "--c", dest="continue_training", action="store_true",
+                   help="resume from checkpoint_latest (or best/final); --c as in nnU-Net")
+    p.add_argument("-pretrained_weights", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's network weights (nnU-Net's semantics: same names "
+                        "and shapes, nnU-Net's segmentation layers excepted; for diffusion trainers a run of the "
+                        "same method and plans); not with --continue")
+    p.add_argument("--val_best", action="store_true",
+                   help="run the final validation (and the tuning) with checkpoint_best instead of checkpoint_final")
+    p.add_argument("--disable_checkpointing", action="store_true",
+                   help="write no checkpoints (testing; no tuning then, nothing to resume)")
     p.add_argument("--val", dest="only_val", action="store_true", help="only run the final validation")
     p.add_argument("--npz", action="store_true", help="save validation probabilities")
     p.add_argument("--no-tune", "--no_tune", dest="no_tune", action="store_true",
@@ -108,6 +117,12 @@ def main(argv=None):
         raise UserError(f"-num_gpus must be >= 1, got {args.num_gpus}")
     if args.tune_max_cases is not None and args.tune_max_cases < 1:
         raise UserError(f"--tune-max-cases must be >= 1, got {args.tune_max_cases}")
+    if args.pretrained_weights and args.continue_training:
+        raise UserError("-pretrained_weights and --continue exclude each other (a resumed run has its own weights)")
+    if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
+        raise UserError(f"{args.pretrained_weights}: pretrained weights not found")
+    if args.val_best and args.disable_checkpointing:
+        raise UserError("--val_best needs checkpoint_best: not with --disable_checkpointing")
     if args.num_gpus == 1 and not under_torchrun():
         return train(args, device)
     if args.num_gpus > 1 and under_torchrun():
@@ -146,6 +161,15 @@ def train(args, device):
         trainer.num_iterations_per_epoch = args.iterations_per_epoch
     if args.val_iterations is not None:
         trainer.num_val_iterations_per_epoch = args.val_iterations
+    trainer.disable_checkpointing = args.disable_checkpointing
+    if args.pretrained_weights:
+        from diffnnunet.trainers.pretrained import load_pretrained_weights
+        try:
+            n = load_pretrained_weights(trainer, args.pretrained_weights)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(str(e)) from None
+        if trainer.local_rank == 0:
+            print(f"fine-tuning from {args.pretrained_weights} ({n} weight tensors)")
     if args.continue_training or args.only_val:
         ckpt = find_resume_checkpoint(trainer.output_folder)
         if args.only_val:
@@ -160,6 +184,8 @@ def train(args, device):
             trainer.load_checkpoint(ckpt)  # every rank loads the same checkpoint
     if not args.only_val:
         trainer.run_training()
+    if args.val_best:
+        trainer.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
     from diffnnunet.evaluation.metrics import compute_metrics_on_folder_with_surfaces
@@ -168,7 +194,10 @@ def train(args, device):
     with swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
         trainer.perform_actual_validation(args.npz)
     if trainer.local_rank == 0 and not args.no_tune:  # after the validation's final barrier; one rank tunes
-        tune_after_training(args, trainer)
+        if args.disable_checkpointing:
+            print("sampling tuning skipped: --disable_checkpointing left no checkpoint to tune")
+        else:
+            tune_after_training(args, trainer)
 
 
 def tune_after_training(args, trainer) -> None:
@@ -196,7 +225,8 @@ def tune_after_training(args, trainer) -> None:
           f"{args.fold} (skip with --no-tune)")
     try:
         run_tuning(args.dataset, args.trainer, trainer.configuration_name, trainer.plans_manager.plans_name,
-                   [str(args.fold)], max_cases=args.tune_max_cases, device=trainer.device)
+                   [str(args.fold)], checkpoint=_checkpoint(args), max_cases=args.tune_max_cases,
+                   device=trainer.device)
     except Exception as e:  # noqa: BLE001 - whatever breaks the tuning, the trained model stays as it is
         why = " ".join(str(e).split()) or "(no message)"
         why = why if isinstance(e, UserError) else f"{type(e).__name__}: {why}"
@@ -205,10 +235,16 @@ def tune_after_training(args, trainer) -> None:
                         f"with: {retune_command(args, trainer)}") from None
 
 
+def _checkpoint(args) -> str:
+    """The checkpoint the final validation used, which the tuning tunes."""
+    return "checkpoint_best.pth" if getattr(args, "val_best", False) else "checkpoint_final.pth"
+
+
 def retune_command(args, trainer) -> str:
     """The ``diffnnunet_tune_sampling`` command that redoes the end-of-training tuning of this run."""
     cmd = (f"diffnnunet_tune_sampling -d {args.dataset} -tr {args.trainer} -c {trainer.configuration_name} "
            f"-p {trainer.plans_manager.plans_name} -f {args.fold}")
+    cmd += " -chk checkpoint_best.pth" if _checkpoint(args) != "checkpoint_final.pth" else ""
     return cmd + (f" --max_cases {args.tune_max_cases}" if args.tune_max_cases else "")
 
 

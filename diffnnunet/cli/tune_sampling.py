@@ -12,7 +12,7 @@ from diffnnunet.cli.common import UserError, cli_entry, parse_device, require_en
 
 def build_parser() -> argparse.ArgumentParser:
     from diffnnunet.inference.tuning import DEFAULT_SAMPLES, DEFAULT_STEPS
-    p = argparse.ArgumentParser(prog="diffnnunet_tune_sampling", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="diffnnunet_tune_sampling", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("-d", required=True, help="dataset ID or name")
     p.add_argument("-tr", default="DiffUNetTrainer", help="trainer the model was trained with")
     p.add_argument("-c", default=None, help="configuration (default: as diffnnunet_predict)")
