@@ -8,15 +8,27 @@ from torch import nn
 #: version may still hold one at its old default-off value (false / 0), any other value fails in
 #: :func:`check_removed_plans_keys`
 REMOVED_PLANS_KEYS = ("mirror_chains", "anchor_in_map", "recycling", "aux_head_weight", "timestep_bias")
+#: the removed keys whose "on" changed the network's weights (an extra head): such a model cannot load any more
+WEIGHT_CHANGING_KEYS = ("aux_head_weight",)
+_warned: set = set()
 
 
 def check_removed_plans_keys(diffusion: dict | None) -> None:
-    """ValueError naming the first key of :data:`REMOVED_PLANS_KEYS` that the plans' ``diffusion`` section turns
-    on; absent keys and their old default-off values pass."""
+    """Plans of earlier versions with a key of :data:`REMOVED_PLANS_KEYS` turned on: a key that only changed how the
+    model was trained or how its map is made is ignored with one warning on stderr (the model still loads and
+    predicts); one of :data:`WEIGHT_CHANGING_KEYS` raises ValueError naming it. Absent keys and their old
+    default-off values pass silently."""
+    import sys
     for key in REMOVED_PLANS_KEYS:
-        if (diffusion or {}).get(key):
-            raise ValueError(f"plans key '{key}' was removed in this version (measured no better); "
-                             "delete it from the plans")
+        if not (diffusion or {}).get(key):
+            continue
+        if key in WEIGHT_CHANGING_KEYS:
+            raise ValueError(f"plans key '{key}' was removed in this version (measured no better) and changed the "
+                             "network's weights; retrain without it (delete it from the plans)")
+        if key not in _warned:
+            _warned.add(key)
+            print(f"warning: plans key '{key}' was removed in this version (measured no better) and is ignored",
+                  file=sys.stderr)
 
 
 def encode_target(target: torch.Tensor, num_channels: int, has_regions: bool, ignore_label: int | None):
