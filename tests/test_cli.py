@@ -94,11 +94,12 @@ def test_train_predict_keeps_inputimage_geometry(env, dim, tmp_path):
 
 
 def test_baseline_trainer_and_continue(env, tmp_path, capsys):
-    _train(2, "nnUNetTrainer", extra=())  # the sampling tuning is on by default, and skipped for nnU-Net
+    _train(2, "nnUNetTrainer", extra=("--tune-max-cases", "1"))  # the default tuning: nnU-Net's calibration only
     folder = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d")
     assert os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth"))
-    assert not os.path.exists(os.path.join(folder, "sampling.json"))
-    assert "sampling tuning" not in capsys.readouterr().out
+    stock = json.load(open(os.path.join(folder, "sampling.json")))
+    assert "sampling_steps" not in stock and "grid" not in stock and stock["calibration"]["temperature"] > 0
+    assert "calibration of the stock model on 1 validation cases" in capsys.readouterr().out
     out = str(tmp_path / "base")
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
