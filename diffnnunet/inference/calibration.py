@@ -211,10 +211,10 @@ def fit_error_map(samples: list, measure: str) -> dict:
     (module docstring), refitted on every case. ``inputs`` is ``map`` when there is no h and ``confidence`` when
     there is no map (the stock nnU-Net model)."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
-    available = [name for name, i in (("map", 1), ("confidence", 3)) if _concat(samples, i) is not None]
+    column = {"map": 1, "confidence": 3}  # each input's place in a sample
+    available = [name for name, i in column.items() if _concat(samples, i) is not None]
     if not available:
         raise ValueError("fit_error_map: the samples carry neither a map nor the exported margin")
-    column = {"map": 1, "confidence": 3}
     held_out = {}
     halves = _halves(samples)
     for name in available:
