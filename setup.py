@@ -28,5 +28,7 @@ setup(
         "diffnnunet_evaluate=diffnnunet.cli.evaluate:main",
         "diffnnunet_tune_sampling=diffnnunet.cli.tune_sampling:main",
         "diffnnunet_demo=diffnnunet.demo:main",
+        "diffnnunet_export_model_to_zip=diffnnunet.cli.model_sharing:export_main",
+        "diffnnunet_install_pretrained_model_from_zip=diffnnunet.cli.model_sharing:install_main",
     ]},
 )

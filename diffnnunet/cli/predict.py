@@ -16,8 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
     p.add_argument("-o", required=True, help="output folder")
-    p.add_argument("-d", required=True, help="dataset ID or name")
-    p.add_argument("-tr", default="DiffUNetTrainer", help="trainer the model was trained with")
+    p.add_argument("-d", default=None, help="dataset ID or name (required unless -m is given)")
+    p.add_argument("-m", default=None,
+                   help="model folder TRAINER__PLANS__CONFIG (dataset.json, plans.json, fold_X/), e.g. an installed "
+                        "or copied one: replaces -d, -tr, -c and -p and needs no nnUNet_results")
+    p.add_argument("-tr", default=None, help="trainer the model was trained with (default DiffUNetTrainer)")
     p.add_argument("-c", default=None, help="configuration (default: the first trained of 3d_fullres, 2d, "
                                             "3d_lowres, i.e. 3d_fullres for 3D data and 2d for 2D data)")
     p.add_argument("-p", default=None, help="plans identifier (default depends on the trainer)")
@@ -69,6 +72,11 @@ def resolve_model(args):
     """-> (model folder, configuration, folds), with one-line errors for everything that is missing."""
     from diffnnunet.trainers import default_plans_for, get_trainer_class
 
+    if getattr(args, "m", None) is not None:
+        return resolve_model_folder(args)
+    if args.d is None:
+        raise UserError("give the model: -d DATASET [-tr TRAINER -c CONFIGURATION -p PLANS], or -m MODEL_FOLDER")
+    args.tr = args.tr or "DiffUNetTrainer"
     try:
         cls = get_trainer_class(args.tr)
     except ValueError as e:
@@ -87,6 +95,28 @@ def resolve_model(args):
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no trained model (train with diffnnunet_train {args.d} {args.tr} FOLD "
                         f"-c {configuration})")
+    return folder, configuration, resolve_folds(folder, args)
+
+
+def resolve_model_folder(args):
+    """-m MODEL_FOLDER: the folder as given, nothing looked up in nnUNet_results; the configuration is the folder
+    name's last ``__`` part (None for another name: the predictor reads it from the checkpoint)."""
+    given = [o for o in ("d", "tr", "c", "p") if getattr(args, o, None) is not None]
+    if given:
+        raise UserError(f"-m names the model folder; it cannot be combined with {', '.join('-' + o for o in given)}")
+    folder = os.path.abspath(args.m)
+    if not os.path.isdir(folder):
+        raise UserError(f"{args.m}: model folder not found")
+    for name in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{os.path.join(args.m, name)}: missing, -m needs a model folder TRAINER__PLANS__CONFIG "
+                            "with dataset.json, plans.json and fold_X/")
+    parts = os.path.basename(folder).split("__")
+    return folder, parts[2] if len(parts) == 3 else None, resolve_folds(folder, args)
+
+
+def resolve_folds(folder: str, args) -> list:
+    """-f as given, else every fold of ``folder`` with the checkpoint; each must have it."""
     if args.f is None:
         folds = sorted(int(d[5:]) if d[5:].isdigit() else d[5:] for d in os.listdir(folder)
                        if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, args.chk)))
@@ -98,7 +128,7 @@ def resolve_model(args):
                if not os.path.isfile(os.path.join(folder, f"fold_{f}", args.chk))]
     if missing:
         raise UserError(f"{missing[0]}: checkpoint not found (train this fold first)")
-    return folder, configuration, folds
+    return folds
 
 
 @cli_entry("diffnnunet_predict")
