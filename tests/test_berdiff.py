@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from diffnnunet.cli import predict, train
+from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import METHODS, BerDiff
 from diffnnunet.networks import resolve_arch_kwargs
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.processes import BernoulliProcess
 from diffnnunet.trainers import TRAINERS, default_plans_for
 from diffnnunet.utils import expand_to

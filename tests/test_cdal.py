@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import CDAL, METHODS, encode_target
 from diffnnunet.methods.cdal import attention_stage
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.processes import GaussianProcess, make_beta_schedule
 from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
 

@@ -133,9 +133,9 @@ def test_predictor_map_of_two_folds_counts_their_disagreement(dim, measure, toge
 def test_predictor_tells_diff_unet_the_label_kind(arch, regions):
     """Diff-UNet's chains enter its map as class probabilities only for mutually exclusive labels; the predictor
     sets that from the dataset's label manager, and the folds' maps combine with the same entropy."""
+    from diffnnunet.config import DEFAULT_DIFFUSION
     from diffnnunet.inference import DiffusionPredictor
     from diffnnunet.methods import METHODS
-    from diffnnunet.planners import DEFAULT_DIFFUSION
     net = METHODS["diff_unet"](arch, 1, 2, dict(DEFAULT_DIFFUSION["diff_unet"], timesteps=10))
     net.exclusive_labels = regions  # the wrong kind, to be corrected
     p = DiffusionPredictor(device=torch.device("cpu"), allow_tqdm=False, perform_everything_on_device=False)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffnnunet.config import resolve_diffusion
+from diffnnunet.evaluation.uncertainty import normalized_entropy
 from diffnnunet.inference import probabilities_to_logits
-from diffnnunet.inference.export import normalized_entropy
 from diffnnunet.inference.predictor import autocast_dtype
 
 
@@ -63,7 +64,8 @@ def _predictors(dim, **kwargs):
                 perform_everything_on_device=False, **(kwargs if cls is DiffusionPredictor else {}))
         p.network, p.label_manager, p.configuration_manager = net, lm, cm
         if cls is DiffusionPredictor:
-            p.diffusion = {"sampling_steps": 1, "samples_per_step": 1, "samples_per_forward": 1}
+            p.diffusion = resolve_diffusion({"method": "diff_unet", "sampling_steps": 1, "samples_per_step": 1,
+                                        "samples_per_forward": 1})
         out.append(p)
     return out
 
@@ -178,7 +180,8 @@ def test_cpu_sizes_inputs_per_forward_by_voxels_gpu_follows_the_plans():
     several windows; a large patch: one chain of one window). Other devices follow the plans."""
     from diffnnunet.inference.predictor import CPU_VOXELS_PER_FORWARD
     _, ours = _predictors(3)
-    ours.diffusion = {"sampling_steps": 10, "samples_per_step": 4, "samples_per_forward": 4, "inference_batch": 8}
+    ours.diffusion = resolve_diffusion({"method": "diff_unet", "sampling_steps": 10, "samples_per_step": 4,
+                                      "samples_per_forward": 4, "inference_batch": 8})
     ours.configuration_manager.patch_size = (4, 16, 16)
     assert CPU_VOXELS_PER_FORWARD == 2 ** 18
     assert (ours.samples_per_forward, ours.windows_per_forward) == (4, 2 ** 18 // 1024 // 4)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from tests.conftest import ARCH_2D as ARCH_2D_TINY
 from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
 

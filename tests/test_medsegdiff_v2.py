@@ -11,12 +11,12 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import METHODS, MedSegDiffV2, encode_target
 from diffnnunet.methods.medsegdiff_v2 import USA
 from diffnnunet.methods.staple import staple, staple_fuse
 from diffnnunet.networks import TimeEmbedding
 from diffnnunet.networks.ss_former import NBPFilter, SpectralCrossAttention, SSFormer, token_grid
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.trainers import TRAINERS, default_plans_for
 from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
 

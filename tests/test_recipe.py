@@ -3,7 +3,7 @@ configured vs. the papers' recipe."""
 import pytest
 import torch
 
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION, DEFAULT_RECIPE, training_recipe
+from diffnnunet.config import DEFAULT_DIFFUSION, DEFAULT_RECIPE, training_recipe
 from diffnnunet.trainers.ema import WeightEMA, ema_decay
 
 

@@ -4,9 +4,9 @@ ignored with one warning, one that did (an extra head) fails at method construct
 import pytest
 import torch
 
+from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import METHODS
 from diffnnunet.methods.base import REMOVED_PLANS_KEYS
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
 from diffnnunet.processes import BernoulliProcess
 from tests.conftest import ARCH_2D
 

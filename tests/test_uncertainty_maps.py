@@ -96,8 +96,8 @@ def test_removed_measure_in_plans_reads_as_its_replacement(monkeypatch, capsys):
 
 
 def _method(name, arch, spatial):
+    from diffnnunet.config import DEFAULT_DIFFUSION
     from diffnnunet.methods import METHODS
-    from diffnnunet.planners import DEFAULT_DIFFUSION
     diffusion = dict(DEFAULT_DIFFUSION[name], timesteps=50)
     if name == "ldseg":
         diffusion = METHODS[name].configure_plans(diffusion, {"patch_size": list(spatial), "architecture": {

@@ -86,15 +86,16 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
     import SimpleITK as sitk
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
 
+    from diffnnunet.config import UNCERTAINTY_SUFFIX
     from diffnnunet.evaluation.uncertainty import (
         OVERLAP_THRESHOLD,
         brier_sums,
         calibration_bins,
         confidence_and_correctness,
+        normalized_entropy,
         overlap_counts,
         uncertainty_counts,
     )
-    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX, normalized_entropy
 
     base, ending = _split_ending(prediction_file)
     out = {}
@@ -191,7 +192,7 @@ def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, 
     from nnunetv2.evaluation.evaluate_predictions import save_summary_json
     from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
-    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
+    from diffnnunet.config import UNCERTAINTY_SUFFIX
 
     preds = sorted(f for f in os.listdir(folder_pred) if f.endswith(file_ending) and not f.startswith(".")
                    and not f.endswith(UNCERTAINTY_SUFFIX + file_ending))

@@ -17,6 +17,23 @@ MAX_DISTINCT = 1 << 21  # distinct values kept exactly before the float32 mantis
 MAX_SHIFT = 20  # at most 20 of the 23 mantissa bits dropped: 3 bits (1/8 relative) is the coarsest grid used
 
 
+def normalized_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:
+    """Voxelwise predictive uncertainty in [0, 1] from class probabilities ``(C, *spatial)``.
+
+    Mutually exclusive labels: H(p) / log C with H(p) = -sum_c p_c log p_c. Regions (independent sigmoids): the
+    mean over regions of the binary entropy divided by log 2.
+    """
+    p = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
+    if has_regions:
+        q = np.clip(1.0 - probabilities.astype(np.float64), 1e-12, 1.0)
+        h = -(p * np.log(p) + q * np.log(q)) / np.log(2.0)
+        return np.clip(h.mean(0), 0, 1).astype(np.float32)
+    if probabilities.shape[0] < 2:
+        return np.zeros(probabilities.shape[1:], np.float32)
+    h = -(p * np.log(p)).sum(0) / np.log(probabilities.shape[0])
+    return np.clip(h, 0, 1).astype(np.float32)
+
+
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
     """``(3, n_bins)``: voxel count, summed confidence and summed correctness per confidence bin."""
     confidence = np.clip(confidence.ravel().astype(np.float64), 0, 1)

@@ -37,9 +37,13 @@ calibration. A logistic combination of both inputs was measured no better and re
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+from diffnnunet.config import SAMPLING_FILE
 
 #: search range of T
 T_MIN, T_MAX = 0.05, 20.0
@@ -270,3 +274,33 @@ def error_map_input(error_map: dict, native_map: torch.Tensor | None, logits: to
     if error_map.get("inputs", "map") == "confidence":
         return exported_margin(logits, has_regions)
     return native_map
+
+
+def load_tuned_sampling(model_folder: str) -> dict | None:
+    """What the tuning stored (None when the folder has none): ``sampling_steps`` and ``samples_per_step`` (diffusion
+    models), ``temperature`` and ``error_map`` (when calibrated; the stock model has only these)."""
+    path = join(model_folder, SAMPLING_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        tuned = load_json(path)
+        out = {}
+        if "sampling_steps" in tuned or "samples_per_step" in tuned:
+            out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+        if tuned.get("calibration"):
+            out["temperature"] = float(tuned["calibration"]["temperature"])
+            if not out["temperature"] > 0:
+                raise ValueError(f"temperature {out['temperature']} is not > 0")
+            error_map = tuned["calibration"].get("error_map")
+            if error_map:
+                error_map = upgrade_error_map(error_map)
+                if error_map["inputs"] not in INPUTS:
+                    raise ValueError(f"error_map: unknown inputs '{error_map['inputs']}'")
+                for curve in [error_map["pooled"], *error_map["labels"].values()]:
+                    if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
+                        raise ValueError("error_map: knots and values differ in length")
+                out["error_map"] = error_map
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{path}: unreadable sampling budget or calibration ({e}); delete it or re-run "
+                           "diffnnunet_tune_sampling") from None

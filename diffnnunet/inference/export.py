@@ -11,27 +11,11 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_pickle
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
+from diffnnunet.config import UNCERTAINTY_SUFFIX
+from diffnnunet.evaluation.uncertainty import normalized_entropy
 from diffnnunet.utils import partial_path
 
-UNCERTAINTY_SUFFIX = "_uncertainty"
-
-
-def normalized_entropy(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:
-    """Voxelwise predictive uncertainty in [0, 1] from class probabilities ``(C, *spatial)``.
-
-    Mutually exclusive labels: H(p) / log C with H(p) = -sum_c p_c log p_c. Regions (independent sigmoids): the
-    mean over regions of the binary entropy divided by log 2.
-    """
-    p = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
-    if has_regions:
-        q = np.clip(1.0 - probabilities.astype(np.float64), 1e-12, 1.0)
-        h = -(p * np.log(p) + q * np.log(q)) / np.log(2.0)
-        return np.clip(h.mean(0), 0, 1).astype(np.float32)
-    if probabilities.shape[0] < 2:
-        return np.zeros(probabilities.shape[1:], np.float32)
-    h = -(p * np.log(p)).sum(0) / np.log(probabilities.shape[0])
-    return np.clip(h, 0, 1).astype(np.float32)
-
+__all__ = ["UNCERTAINTY_SUFFIX", "normalized_entropy", "export_prediction_atomically"]
 
 def uncertainty_to_original_geometry(uncertainty, properties: dict, configuration_manager,
                                      plans_manager) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pydoc
 from functools import partial
 
 import torch
@@ -19,6 +20,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from diffnnunet.config import INFERENCE_SAMPLES_PER_TRAINING_SAMPLE, resolve_diffusion
 from diffnnunet.inference.export import export_prediction_atomically
 from diffnnunet.inference.mirror_views import mirror_combinations
 from diffnnunet.methods.uncertainty import FOLD_PARTS, FoldStatistics
@@ -60,6 +62,22 @@ def probabilities_to_logits(probs: torch.Tensor, has_regions: bool, kind: str = 
     if kind == "categorical" and not has_regions:
         return torch.log(p)
     return torch.log(p) - torch.log1p(-p)
+
+
+def build_network(trainer_name: str, plans_manager, configuration_manager, num_input_channels: int,
+                  num_output_channels: int):
+    """The network a checkpoint's weights load into, as its trainer's ``build_network_architecture`` builds it: the
+    method module for a configuration with a diffusion section (:func:`diffnnunet.methods.build_method`, which the
+    diffusion trainers call too), a dotted trainer's own builder, else nnU-Net's plain U-Net."""
+    if configuration_manager.configuration.get("diffusion") is not None:
+        from diffnnunet.methods import build_method
+        return build_method(plans_manager, configuration_manager, num_input_channels, num_output_channels)
+    trainer = pydoc.locate(trainer_name) if "." in trainer_name else None
+    if not (isinstance(trainer, type) and hasattr(trainer, "build_network_architecture")):
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        trainer = nnUNetTrainer
+    return trainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                              num_output_channels, enable_deep_supervision=False)
 
 
 class DiffusionPredictor(nnUNetPredictor):
@@ -120,10 +138,8 @@ class DiffusionPredictor(nnUNetPredictor):
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth"):
-        """As nnU-Net's, but the trainer comes from diffnnunet's registry (no class scan) and checkpoints are
+        """As nnU-Net's, but the network comes from :func:`build_network` (no class scan) and checkpoints are
         loaded with ``weights_only=True``."""
-        from diffnnunet.trainers import get_trainer_class
-
         if use_folds is None:
             use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         dataset_json = load_json(join(model_training_output_dir, "dataset.json"))
@@ -135,25 +151,22 @@ class DiffusionPredictor(nnUNetPredictor):
             first = first or ckpt
             parameters.append(ckpt["network_weights"])
         configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
-        trainer_class = get_trainer_class(first["trainer_name"])
-        network = trainer_class.build_network_architecture(
-            plans_manager, configuration_manager,
-            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        network = build_network(first["trainer_name"], plans_manager, configuration_manager,
+                                determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+                                plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
         if self.use_tuned_sampling:  # the tuned budget (diffusion) and calibration (every model), kept apart
-            from diffnnunet.inference.tuning import load_tuned_sampling
+            from diffnnunet.inference.calibration import load_tuned_sampling
             self.tuned_sampling = load_tuned_sampling(model_training_output_dir) or None
 
     def _configure_sampling(self):
-        from diffnnunet.planners import DEFAULT_DIFFUSION
         section = self.configuration_manager.configuration.get("diffusion")
         if section is None:
             self.diffusion = None
             return
-        self.diffusion = {**DEFAULT_DIFFUSION.get(section.get("method"), {}), **section}  # plans win
+        self.diffusion = resolve_diffusion(section)  # a missing key means what the network was built with
         self.sampling_seed = int(self.seed if self.seed is not None else self.diffusion["seed"])
         self.generator = torch.Generator(device=self.device).manual_seed(self.sampling_seed)
 
@@ -166,7 +179,7 @@ class DiffusionPredictor(nnUNetPredictor):
         """``uncertainty`` (the command line's) or the plans' measure, a removed one read as its replacement
         (:func:`~diffnnunet.methods.uncertainty.plans_measure`: plans of earlier versions keep loading)."""
         from diffnnunet.methods.uncertainty import plans_measure
-        return self.uncertainty_override or plans_measure(self.diffusion.get("uncertainty", "entropy"))
+        return self.uncertainty_override or plans_measure(self.diffusion["uncertainty"])
 
     @property
     def samples_per_step(self) -> int:
@@ -204,7 +217,6 @@ class DiffusionPredictor(nnUNetPredictor):
     def windows_per_forward(self) -> int:
         """Windows sampled together: network inputs per forward (the plans' ``inference_batch``, what fits the
         memory budget; on CPU ``_cpu_inputs_per_forward``) divided by the chains per forward; at least 1."""
-        from diffnnunet.planners.diffusion_planner import INFERENCE_SAMPLES_PER_TRAINING_SAMPLE
         budget = self._cpu_inputs_per_forward() or int(
             self.diffusion.get("inference_batch")
             or INFERENCE_SAMPLES_PER_TRAINING_SAMPLE * self.configuration_manager.batch_size)

@@ -18,9 +18,12 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from tqdm import tqdm
 
+from diffnnunet.config import SAMPLING_FILE
+from diffnnunet.inference.calibration import load_tuned_sampling
 from diffnnunet.utils import partial_path
 
-SAMPLING_FILE = "sampling.json"
+__all__ = ["SAMPLING_FILE", "load_tuned_sampling", "tune_sampling", "choose_budget"]
+
 DEFAULT_STEPS = (1, 2, 5, 10)
 DEFAULT_SAMPLES = (1, 2, 4)
 
@@ -57,37 +60,6 @@ def choose_budget(results: list, tolerance: float, auroc_tolerance: float = 0.00
     ok = keep(ok, "auroc", auroc_tolerance, True)
     ok = keep(ok, "ece", ece_tolerance, False)
     return min(ok, key=lambda r: (r["steps"] * r["samples"], -r["dice"]))
-
-
-def load_tuned_sampling(model_folder: str) -> dict | None:
-    """What the tuning stored (None when the folder has none): ``sampling_steps`` and ``samples_per_step`` (diffusion
-    models), ``temperature`` and ``error_map`` (when calibrated; the stock model has only these)."""
-    from diffnnunet.inference.calibration import INPUTS, upgrade_error_map
-    path = join(model_folder, SAMPLING_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        tuned = load_json(path)
-        out = {}
-        if "sampling_steps" in tuned or "samples_per_step" in tuned:
-            out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
-        if tuned.get("calibration"):
-            out["temperature"] = float(tuned["calibration"]["temperature"])
-            if not out["temperature"] > 0:
-                raise ValueError(f"temperature {out['temperature']} is not > 0")
-            error_map = tuned["calibration"].get("error_map")
-            if error_map:
-                error_map = upgrade_error_map(error_map)
-                if error_map["inputs"] not in INPUTS:
-                    raise ValueError(f"error_map: unknown inputs '{error_map['inputs']}'")
-                for curve in [error_map["pooled"], *error_map["labels"].values()]:
-                    if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
-                        raise ValueError("error_map: knots and values differ in length")
-                out["error_map"] = error_map
-        return out
-    except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"{path}: unreadable sampling budget or calibration ({e}); delete it or re-run "
-                           "diffnnunet_tune_sampling") from None
 
 
 def _counts(pred: np.ndarray, ref: np.ndarray, label_manager) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffnnunet.config import resolve_diffusion
+
 #: plans keys of switches removed because they measured no better than the simpler choice; a plans file of an earlier
 #: version may still hold one at its old default-off value (false / 0), any other value fails in
 #: :func:`check_removed_plans_keys`
@@ -88,6 +90,8 @@ class DiffusionMethod(nn.Module):
     method has no native one (the export then uses the normalized entropy of the probabilities).
     """
 
+    #: the plans' ``diffusion.method`` of this class (its key in ``METHODS`` and ``DEFAULT_DIFFUSION``)
+    name: str | None = None
     #: the plans identifier the planner writes for this method (one plans file per method)
     plans_name = "DiffnnUNetPlans"
     #: "per_channel": independent per-channel foreground probabilities (sigmoids); "categorical": class
@@ -109,9 +113,13 @@ class DiffusionMethod(nn.Module):
     ddp_find_unused_parameters = False
 
     def __init__(self, diffusion: dict | None = None):
-        """``diffusion``: the plans' section, checked for removed keys (:func:`check_removed_plans_keys`)."""
+        """``diffusion``: the plans' section, checked for removed keys (:func:`check_removed_plans_keys`) and kept
+        as :attr:`settings` with every missing key filled in (:func:`diffnnunet.config.resolve_diffusion`: the one
+        meaning of a missing key, which the trainer and the predictor read too)."""
         super().__init__()
         check_removed_plans_keys(diffusion)
+        #: the resolved plans section this module was built from
+        self.settings = resolve_diffusion(diffusion, self.name)
 
     @staticmethod
     def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:

@@ -34,30 +34,32 @@ class BerDiff(DiffusionMethod):
         num_classes: label channels N. diffusion: the configuration's ``diffusion`` section of the plans.
     """
 
+    name = "berdiff"
     plans_name = "BerDiffPlans"
     #: class default (mutually exclusive labels); instances in per-channel mode report ``per_channel``
     probabilities = "categorical"
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__(diffusion)
+        diffusion = self.settings  # every key present (diffnnunet.config.resolve_diffusion)
         self.num_classes = int(num_classes)
-        self.multiclass = diffusion.get("multiclass", "auto")
+        self.multiclass = diffusion["multiclass"]
         if self.multiclass not in MULTICLASS_MODES:
             raise ValueError(f"unknown multiclass mode '{self.multiclass}' (known: {', '.join(MULTICLASS_MODES)})")
-        schedule = (diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
-                    diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02))
+        schedule = (diffusion["timesteps"], diffusion["schedule"],
+                    diffusion["beta_start"], diffusion["beta_end"])
         self.bernoulli = BernoulliProcess(*schedule)
         self.categorical = CategoricalProcess(self.num_classes, *schedule) if self.num_classes >= 2 else None
-        self.sampler = diffusion.get("sampler", "ddim")
+        self.sampler = diffusion["sampler"]
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown BerDiff sampler '{self.sampler}' (known: ddim, ddpm)")
-        self.eta = float(diffusion.get("eta", 0.0))
-        self.bce_weight = float(diffusion.get("bce_weight", 1.0))
-        self.dice_weight = float(diffusion.get("dice_weight", 0.0))
-        self.prediction = diffusion.get("prediction", "eps")
+        self.eta = float(diffusion["eta"])
+        self.bce_weight = float(diffusion["bce_weight"])
+        self.dice_weight = float(diffusion["dice_weight"])
+        self.prediction = diffusion["prediction"]
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown BerDiff prediction '{self.prediction}' (known: {', '.join(PREDICTIONS)})")
-        self.saliency = diffusion.get("saliency", "samples")
+        self.saliency = diffusion["saliency"]
         if self.saliency not in SALIENCY:
             raise ValueError(f"unknown BerDiff saliency '{self.saliency}' (known: {', '.join(SALIENCY)})")
         self.network = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch_kwargs,

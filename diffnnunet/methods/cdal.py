@@ -75,6 +75,7 @@ class CDAL(DiffusionMethod):
             ``attn_scale``), ``multiclass``, ``loss_weights`` (``mse``: Eq. 4; ``dice``: optional, 0 = the paper).
     """
 
+    name = "cdal"
     plans_name = "cDALPlans"
     probabilities = "categorical"
     forward_modes = {"loss": "training_loss", "discriminator_loss": "discriminator_loss"}
@@ -83,22 +84,23 @@ class CDAL(DiffusionMethod):
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__(diffusion)
+        diffusion = self.settings  # every key present (diffnnunet.config.resolve_diffusion)
         self.num_classes = int(num_classes)
-        self.process = GaussianProcess(diffusion.get("timesteps", 2), diffusion.get("schedule", "vp"),
-                                       diffusion.get("beta_start", 0.1), diffusion.get("beta_end", 20.0),
+        self.process = GaussianProcess(diffusion["timesteps"], diffusion["schedule"],
+                                       diffusion["beta_start"], diffusion["beta_end"],
                                        prediction="x0")
-        multiclass = diffusion.get("multiclass", "categorical")
+        multiclass = diffusion["multiclass"]
         self.probabilities = "categorical" if multiclass == "auto" else multiclass
         if self.probabilities not in MULTICLASS_MODES:
             raise ValueError(f"multiclass '{multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)})")
-        self.use_latent = bool(diffusion.get("latent", True))
-        self.use_attention = bool(diffusion.get("attention", True))
-        self.latent_dim = int(diffusion.get("latent_dim", 100))
+        self.use_latent = bool(diffusion["latent"])
+        self.use_attention = bool(diffusion["attention"])
+        self.latent_dim = int(diffusion["latent_dim"])
         self.attention_stage = int(diffusion.get("attention_stage",
-                                                 attention_stage(arch_kwargs, diffusion.get("attn_scale", 8))))
-        self.eta = float(diffusion.get("eta", 1.0))
-        weights = diffusion.get("loss_weights", {"mse": 1.0, "dice": 0.0})
-        self.w_mse, self.w_dice = float(weights.get("mse", 1.0)), float(weights.get("dice", 0.0))
+                                                 attention_stage(arch_kwargs, diffusion["attn_scale"])))
+        self.eta = float(diffusion["eta"])
+        weights = diffusion["loss_weights"]
+        self.w_mse, self.w_dice = float(weights["mse"]), float(weights["dice"])
         features = _as_list(arch_kwargs["features_per_stage"], arch_kwargs["n_stages"])
         embed = 4 * features[0]
         self.mapping = LatentMapping(self.latent_dim, embed) if self.use_latent else None

@@ -36,18 +36,21 @@ class DiffUNet(DiffusionMethod):
         diffusion: the configuration's ``diffusion`` section of the plans.
     """
 
+    name = "diff_unet"
+
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__(diffusion)
+        diffusion = self.settings  # every key present (diffnnunet.config.resolve_diffusion)
         self.num_classes = num_classes
-        self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
-                                       diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
+        self.process = GaussianProcess(diffusion["timesteps"], diffusion["schedule"],
+                                       diffusion["beta_start"], diffusion["beta_end"],
                                        prediction="x0")
-        self.fusion = diffusion.get("fusion", "step_uncertainty")
+        self.fusion = diffusion["fusion"]
         #: mutually exclusive labels (True, nnU-Net's default) or regions: how the sigmoids become an uncertainty
         #: map; the predictor sets it from the dataset's label manager
         self.exclusive_labels = True
-        self.eta = float(diffusion.get("eta", 0.0))
-        self.loss_weights = diffusion.get("loss_weights", {"dice": 1.0, "bce": 1.0, "mse": 1.0})
+        self.eta = float(diffusion["eta"])
+        self.loss_weights = diffusion["loss_weights"]
         self.denoiser = TimeUNet(input_channels + num_classes, num_classes, **arch_kwargs, time_embedding=True)
         enc_kwargs = {k: v for k, v in arch_kwargs.items() if k not in ("n_conv_per_stage_decoder",)}
         self.feature_encoder = UNetEncoder(input_channels, **enc_kwargs)

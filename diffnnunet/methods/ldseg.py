@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffnnunet.config import RECIPE_MIN_LATENT_SIZE
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
 from diffnnunet.methods.uncertainty import ChainStatistics
 from diffnnunet.networks import TimeUNet
@@ -28,9 +29,6 @@ DENOISED_LATENTS = ("paper", "x0")
 PREDICTIONS = ("eps", "x0")
 #: decoder output: softmax over the N channels (exclusive labels) or a sigmoid per channel (nnU-Net regions)
 MULTICLASS_MODES = ("categorical", "per_channel")
-#: the recipe's smallest latent size per axis (where the patch allows): the paper's latents are 8-48 per axis, a
-#: 16x downsampling of an 80-voxel patch leaves 5 and the label auto-encoder cannot represent thin structures
-RECIPE_MIN_LATENT_SIZE = 16
 
 
 def ce_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,42 +68,44 @@ class LDSeg(DiffusionMethod):
             (the image encoder's self-attention, the paper's; True).
     """
 
+    name = "ldseg"
     plans_name = "LDSegPlans"
     probabilities = "categorical"
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__(diffusion)
+        diffusion = self.settings  # every key present (diffnnunet.config.resolve_diffusion)
         arch_kwargs = resolve_arch_kwargs(arch_kwargs)
         fallback_latent, fallback_denoiser = latent_layout(arch_kwargs)
         self.latent_strides = [list(s) for s in diffusion.get("latent_strides") or fallback_latent]
         denoiser_strides = [list(s) for s in diffusion.get("denoiser_strides") or fallback_denoiser]
-        self.latent_channels = int(diffusion.get("latent_channels", 4))
+        self.latent_channels = int(diffusion["latent_channels"])
         self.num_classes = num_classes
-        prediction = diffusion.get("prediction", "eps")
+        prediction = diffusion["prediction"]
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction '{prediction}' (known for ldseg: {', '.join(PREDICTIONS)})")
-        self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "cosine"),
+        self.process = GaussianProcess(diffusion["timesteps"], diffusion["schedule"],
                                        prediction=prediction)
-        weights = diffusion.get("loss_weights", {"ce": 1.0, "dice": 2.0, "mse": 1.0})
-        self.w_ce, self.gamma, self.lam = weights.get("ce", 1.0), weights.get("dice", 2.0), weights.get("mse", 1.0)
-        self.w_ae = float(weights.get("autoencoder", 0.0))
-        self.latent_stop_gradient = bool(diffusion.get("latent_stop_gradient", False))
-        self.denoised_latent = diffusion.get("denoised_latent", "x0")
+        weights = diffusion["loss_weights"]
+        self.w_ce, self.gamma, self.lam = weights["ce"], weights["dice"], weights["mse"]
+        self.w_ae = float(weights["autoencoder"])
+        self.latent_stop_gradient = bool(diffusion["latent_stop_gradient"])
+        self.denoised_latent = diffusion["denoised_latent"]
         if self.denoised_latent not in DENOISED_LATENTS:
             raise ValueError(f"denoised_latent '{self.denoised_latent}' (known: {', '.join(DENOISED_LATENTS)})")
-        self.x0_clip = float(diffusion.get("x0_clip", 5.0))
-        self.eta = float(diffusion.get("eta", 0.0))
-        multiclass = diffusion.get("multiclass", "categorical")
+        self.x0_clip = float(diffusion["x0_clip"])
+        self.eta = float(diffusion["eta"])
+        multiclass = diffusion["multiclass"]
         self.probabilities = "categorical" if multiclass == "auto" else multiclass
         if self.probabilities not in MULTICLASS_MODES:
             raise ValueError(f"multiclass '{multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)})")
-        self.default_steps = int(diffusion.get("sampling_steps", 2))
+        self.default_steps = int(diffusion["sampling_steps"])
         cl = self.latent_channels
         self.label_encoder = LabelEncoder(arch_kwargs, num_classes, cl, self.latent_strides,
-                                          diffusion.get("latent_norm", "instance"))
+                                          diffusion["latent_norm"])
         self.image_encoder = ImageEncoder(arch_kwargs, input_channels, cl, self.latent_strides,
-                                          attention=bool(diffusion.get("image_attention", True)))
-        self.image_skips = bool(diffusion.get("image_skips", False))
+                                          attention=bool(diffusion["image_attention"]))
+        self.image_skips = bool(diffusion["image_skips"])
         self.label_decoder = LabelDecoder(arch_kwargs, num_classes, cl, self.latent_strides, self.image_skips)
         self.denoiser = TimeUNet(2 * cl, cl, **self.denoiser_arch(arch_kwargs, len(self.latent_strides),
                                                                   denoiser_strides), time_embedding=True)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffnnunet.config import method_defaults
 from diffnnunet.methods.base import DiffusionMethod, masked_mean, soft_dice_loss
 from diffnnunet.methods.staple import staple_fuse
 from diffnnunet.methods.uncertainty import ChainStatistics, odds_to_categorical
@@ -82,22 +83,24 @@ class MedSegDiffV2(DiffusionMethod):
             labels; ``per_channel``: sigmoids for regions).
     """
 
+    name = "medsegdiff_v2"
     plans_name = "MedSegDiffV2Plans"
     probabilities = "per_channel"  # STAPLE posteriors, one per channel
 
     def __init__(self, arch_kwargs: dict, input_channels: int, num_classes: int, diffusion: dict):
         super().__init__(diffusion)
+        diffusion = self.settings  # every key present (diffnnunet.config.resolve_diffusion)
         arch = resolve_arch_kwargs(arch_kwargs)
         self.num_classes = int(num_classes)
-        self.process = GaussianProcess(diffusion.get("timesteps", 1000), diffusion.get("schedule", "linear"),
-                                       diffusion.get("beta_start", 1e-4), diffusion.get("beta_end", 0.02),
-                                       prediction=diffusion.get("prediction", "eps"))
-        self.alpha = int(diffusion.get("anchor_alpha", 5))
-        self.beta = float(diffusion.get("anchor_beta", 10.0))
-        self.eta = float(diffusion.get("eta", 0.0))
-        self.x0_output = diffusion.get("x0_output", "linear")  # plans written before the key: as trained
-        self.fusion = diffusion.get("fusion", "staple")
-        self.multiclass = diffusion.get("multiclass", "categorical")
+        self.process = GaussianProcess(diffusion["timesteps"], diffusion["schedule"],
+                                       diffusion["beta_start"], diffusion["beta_end"],
+                                       prediction=diffusion["prediction"])
+        self.alpha = int(diffusion["anchor_alpha"])
+        self.beta = float(diffusion["anchor_beta"])
+        self.eta = float(diffusion["eta"])
+        self.x0_output = diffusion["x0_output"]
+        self.fusion = diffusion["fusion"]
+        self.multiclass = diffusion["multiclass"]
         self.multiclass = "categorical" if self.multiclass == "auto" else self.multiclass
         if (self.fusion not in FUSIONS or self.multiclass not in MULTICLASS_MODES
                 or self.x0_output not in X0_OUTPUTS):
@@ -108,13 +111,13 @@ class MedSegDiffV2(DiffusionMethod):
         self.diffusion = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch, time_embedding=True)
         dim = conv_op_dim(arch["conv_op"])
         features, kernels = self.diffusion.encoder.features, self.diffusion.encoder.kernel_sizes
-        self.u_sa = USA(features[0], dim, [5 if k > 1 else 1 for k in kernels[0]]) if diffusion.get("u_sa", True) \
+        self.u_sa = USA(features[0], dim, [5 if k > 1 else 1 for k in kernels[0]]) if diffusion["u_sa"] \
             else None
-        self.ss_former = (SSFormer(features[-1], dim, self.diffusion.temb_dim, int(diffusion.get("ss_blocks", 4)),
-                                   bool(diffusion.get("nbp_filter", True)), int(diffusion.get("max_tokens", 64)),
-                                   int(diffusion.get("nbp_width", 16)), int(diffusion.get("nbp_blocks", 6)),
-                                   min(int(diffusion.get("ss_dim") or features[-1]), features[-1]))
-                          if diffusion.get("ss_former", True) else None)
+        self.ss_former = (SSFormer(features[-1], dim, self.diffusion.temb_dim, int(diffusion["ss_blocks"]),
+                                   bool(diffusion["nbp_filter"]), int(diffusion["max_tokens"]),
+                                   int(diffusion["nbp_width"]), int(diffusion["nbp_blocks"]),
+                                   min(int(diffusion["ss_dim"] or features[-1]), features[-1]))
+                          if diffusion["ss_former"] else None)
 
     @property
     def exclusive_labels(self) -> bool:
@@ -133,8 +136,7 @@ class MedSegDiffV2(DiffusionMethod):
         and time-embedding sums), U-SA's smoothed, max, gate, product and sum maps at full resolution and the
         SS-Former's tokens, N x N Fourier affinity maps and NBP-Filter activations
         (:meth:`SSFormer.feature_map_size`)."""
-        from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION
-        settings = {**DEFAULT_DIFFUSION["medsegdiff_v2"], **(diffusion or {}), "timesteps": 2}
+        settings = {**method_defaults("medsegdiff_v2"), **(diffusion or {}), "timesteps": 2}
         with torch.device("meta"):
             m = MedSegDiffV2(arch_kwargs, input_channels, num_classes, settings)
         patch = [int(p) for p in patch_size]

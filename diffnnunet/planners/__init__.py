@@ -1,3 +1,3 @@
-from diffnnunet.planners.diffusion_planner import DEFAULT_DIFFUSION, DiffusionPlanner
+from diffnnunet.planners.diffusion_planner import DiffusionPlanner
 
-__all__ = ["DiffusionPlanner", "DEFAULT_DIFFUSION"]
+__all__ = ["DiffusionPlanner"]
