@@ -160,8 +160,8 @@ def test_seeded_sampler_regression(arch, spatial, dim, saliency):
                         return_uncertainty=True)
     again = m.sample(image, steps=4, samples=3, generator=torch.Generator().manual_seed(42))
     torch.testing.assert_close(probs, again)
-    got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean())]
-    assert got == REGRESSION[saliency][dim]
+    got = [float(v) for v in (probs[0, 0].mean(), probs[0, 1].mean())]
+    assert got == pytest.approx(REGRESSION[saliency][dim], abs=2e-4)  # pinned to 4 decimals, not exact floats
 
 
 REGRESSION = {"samples": {2: [0.3255, 0.306], 3: [0.3512, 0.3109]},

@@ -167,8 +167,8 @@ def test_sampler_seeded_regression():
     x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
     probs, unc = m.sample(x, steps=2, samples=3, generator=torch.Generator().manual_seed(0),
                           return_uncertainty=True)
-    got = [round(v, 4) for v in (probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item())]
-    assert got == pytest.approx(REGRESSION, abs=2e-4)
+    got = [probs[0, 0, 3, 5].item(), probs[0, 2, 12, 9].item(), unc.mean().item()]
+    assert got == pytest.approx(REGRESSION, abs=2e-4)  # pinned to 4 decimals
 
 
 REGRESSION = [0.3778, 0.3297, 0.0079]

@@ -80,8 +80,8 @@ def test_sampler_seeded_regression():
     m = _model(ARCH_2D, channels=1, classes=2)
     x = torch.linspace(-1, 1, 256).reshape(1, 1, 16, 16)
     probs = m.sample(x, steps=3, samples=2, generator=torch.Generator().manual_seed(0))
-    got = [round(v, 4) for v in (probs.mean().item(), probs[0, 0, 3, 5].item(), probs[0, 1, 12, 9].item())]
-    assert got == pytest.approx(REGRESSION, abs=2e-4)
+    got = [probs.mean().item(), probs[0, 0, 3, 5].item(), probs[0, 1, 12, 9].item()]
+    assert got == pytest.approx(REGRESSION, abs=2e-4)  # pinned to 4 decimals
 
 
 REGRESSION = [0.5512, 0.6808, 0.4284]

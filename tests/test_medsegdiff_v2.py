@@ -205,8 +205,8 @@ def test_seeded_sampler_regression(arch, spatial, dim):
                           return_uncertainty=True)
     assert probs.shape == (1, 3, *spatial) and unc.shape == (1, 1, *spatial)
     assert probs.min() >= 0 and probs.max() <= 1 and unc.min() >= 0 and unc.max() <= 1
-    got = [round(float(v), 4) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
-    assert got == pytest.approx(REGRESSION[dim], abs=2e-4)
+    got = [float(v) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
+    assert got == pytest.approx(REGRESSION[dim], abs=2e-4)  # pinned to 4 decimals
 
 
 REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
