@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from diffnnunet.inference.calibration import (
-    GRID,
     apply_error_map,
     calibrate,
     expected_calibration_error,
@@ -65,10 +64,36 @@ def test_near_binary_probabilities_keep_the_lowest_ece_temperature():
     accuracy_hard = 1 - hard_wrong.mean()
     assert result["ece_before"] == pytest.approx(0.5 * (0.999 - accuracy_hard) + 0.5 * abs(0.7 - y_bulk.mean()),
                                                  abs=1e-9)
-    assert expected_calibration_error(z, y, result["temperature_nll"], False) > result["ece_after"]
-    assert result["ece_after"] <= result["ece_before"]
-    grid_best = min(expected_calibration_error(z, y, t, False) for t in GRID)
-    assert result["ece_after"] == pytest.approx(grid_best, abs=1e-12)
+    assert result["temperature_nll"] > 1.5  # the NLL's T softens the hard voxels ...
+    assert expected_calibration_error(z, y, result["temperature_nll"], False) > result["ece_before"] + 0.01
+    # ... any T != 1 moves the calibrated bulk (0.7 / 0.7) further than it helps the hard bin: T = 1 is kept
+    assert result["temperature"] == 1.0 and result["ece_after"] == result["ece_before"]
+
+
+@pytest.mark.parametrize("has_regions", [False, True], ids=["labels", "regions"])
+def test_twice_overconfident_model_gets_t_2_by_hand(has_regions):
+    """Four groups of 1000 voxels with true foreground probabilities q = 0.65, 0.75, 0.85, 0.95 (exactly 1000 q
+    foreground labels each); the model's logit is 2 logit(q), twice too confident. At T = 2, p = q in every group,
+    so the NLL is minimal there and the ECE is 0: T ~ 2. At T = 1 the confidences are q^2 / (q^2 + (1 - q)^2) =
+    0.775229, 0.9, 0.969799, 0.997238 in the 15 bins 11, 13, 14, 14 (bin = floor(15 p)), so
+    ECE_before = 0.25 (0.775229 - 0.65) + 0.25 (0.9 - 0.75) + 0.5 |(0.969799 + 0.997238) / 2 - (0.85 + 0.95) / 2|
+               = 0.031307 + 0.0375 + 0.041759 = 0.110566.
+    The ECE after is recomputed here with numpy at the returned T."""
+    q = np.repeat([0.65, 0.75, 0.85, 0.95], 1000)
+    y = np.concatenate([np.arange(1000) < round(1000 * g) for g in (0.65, 0.75, 0.85, 0.95)]).astype(np.int64)
+    a = 2 * np.log(q / (1 - q))
+    z, target = (a[:, None], y[:, None].astype(np.float32)) if has_regions else (np.stack([0 * a, a], 1), y)
+    result = calibrate([(z[:2000], target[:2000]), (z[2000:], target[2000:])], has_regions=has_regions)
+    assert result["temperature_nll"] == pytest.approx(2.0, rel=1e-3)
+    assert result["temperature"] == pytest.approx(2.0, rel=1e-3)
+    assert result["ece_before"] == pytest.approx(0.110566, abs=1e-6)
+    p = 1 / (1 + np.exp(-a / result["temperature"]))  # foreground probability (softmax of [0, a] / T = sigmoid)
+    conf, correct = np.maximum(p, 1 - p), (p > 0.5) == (y == 1)
+    bin_of = np.minimum(np.floor(conf * 15).astype(int), 14)
+    ece = sum(np.sum(bin_of == b) / conf.size * abs(correct[bin_of == b].mean() - conf[bin_of == b].mean())
+              for b in range(15) if np.any(bin_of == b))
+    assert ece < 1e-3
+    assert result["ece_after"] == pytest.approx(ece, abs=1e-9)
 
 
 def test_fit_on_regions():
@@ -100,7 +125,6 @@ def test_stock_model_gets_the_same_temperature_and_margin_error_map():
     --raw_uncertainty nothing is joined (the export writes its softmax entropy)."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from diffnnunet.inference.calibration import _curve_value
     from tests.test_inference import _predictors
     _, ours = _predictors(2, save_uncertainty=True)
     ours.diffusion = None
@@ -119,9 +143,9 @@ def test_stock_model_gets_the_same_temperature_and_margin_error_map():
     logits = torch.from_numpy(np.log(np.stack([p0, 1 - p0]))).float().reshape(2, 1, 2)
     got = ours._apply_error_map(logits)
     assert got.shape == (3, 1, 2)
-    expected = _curve_value(fit["labels"]["0"], np.array([0.9, 0.1]))
-    np.testing.assert_allclose(got[2, 0].numpy(), expected, rtol=1e-5)
-    assert expected[0] > 0.9 > 0.1 > expected[1]
+    # label 0's curve: bins of 100 at h = 0.1 (0 errors) and 0.9 (100), label rate 1/2, shrunk (e + 10 / 2) / 110
+    # = 5/110 and 105/110; written (e(h) + 1e-4 h) / (1 + 1e-4): (105/110 + 0.9e-4) / 1.0001, (5/110 + 0.1e-4) / 1.0001
+    np.testing.assert_allclose(got[2, 0].numpy(), [0.9545400005, 0.0454599995], rtol=0, atol=1e-6)
     ours.raw_uncertainty = True
     assert ours._apply_error_map(logits).shape == (2, 1, 2)
 
@@ -296,29 +320,26 @@ def test_held_out_auroc_is_scored_on_the_other_half_by_hand():
 
 def test_predictor_feeds_the_exported_margin_to_the_error_map():
     """A fit whose input is the margin: the written map is g'_c(h) at the margin of the exported logits, not a
-    function of the chains' map, whatever measure is written."""
+    function of the chains' map (0.5 everywhere here), whatever measure is written. Curves by hand: label 0,
+    e = h / 2 on [0, 1]; label 1, knots (0.2, 0.1) and (0.6, 0.3), constant beyond them. Two classes: the margin
+    is |2 sigmoid(d) - 1| = tanh(|d| / 2) for the logit difference d, so
+    voxel 0 (2, 0), label 0: h = 1 - tanh(1) = 0.238406, e = 0.119203;
+    voxel 1 (0, 0.5), label 1: h = 1 - tanh(0.25) = 0.755081 > 0.6, e = 0.3;
+    voxel 2 (-1, 3), label 1: h = 1 - tanh(2) = 0.035972 < 0.2, e = 0.1;
+    written (e + 1e-4 h) / (1 + 1e-4) = 0.1192148, 0.3000455, 0.0999936. (The map 0.5 would give 0.25 and 0.25.)"""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from diffnnunet.inference.calibration import _curve_value, exported_margin
     from tests.test_inference import _predictors
     _, ours = _predictors(2, save_uncertainty=True)
     ours.label_manager = LabelManager({"background": 0, "a": 1}, None)
-    rng = np.random.default_rng(0)
-    cases = []
-    for _ in range(2):
-        labels, u, h = rng.integers(0, 2, 4000), rng.uniform(size=4000), rng.uniform(size=4000)
-        cases.append((labels, u, rng.uniform(size=4000) < h ** 2, h))
-    fit = fit_error_map(cases, "entropy")
-    assert fit["inputs"] == "confidence"
+    fit = {"measure": "entropy", "inputs": "confidence", "pooled": {"u": [0.0, 1.0], "error": [0.0, 1.0]},
+           "labels": {"0": {"u": [0.0, 1.0], "error": [0.0, 0.5]}, "1": {"u": [0.2, 0.6], "error": [0.1, 0.3]}}}
     ours.diffusion.update(uncertainty="mutual_information")
     ours.tuned_sampling = {"error_map": fit}
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.5, 3.0]]).reshape(2, 1, 3)
     out = torch.cat([logits, torch.full((1, 1, 3), 0.5)])
     got = ours._apply_error_map(out)[2, 0].numpy()
-    hm = exported_margin(logits, False)[0].numpy().astype(np.float64)
-    seg = logits.argmax(0)[0].numpy()
-    expected = [_curve_value(fit["labels"][str(c)], np.array([x]))[0] for c, x in zip(seg, hm)]
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, [0.1192148, 0.3000455, 0.0999936], rtol=0, atol=1e-6)
 
 
 def test_sampling_json_error_maps_load_upgrade_or_are_refused(tmp_path):

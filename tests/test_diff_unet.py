@@ -33,18 +33,25 @@ def test_uncertainty_and_fusion_weight_formulas():
 
 
 def test_fusion_rules(arch, spatial):
+    """Three steps, channel 0 at p = 0.2, 0.6, 0.9, channel 1 the reverse, channel 2 at 0.5 throughout. SUF by hand,
+    w_i = exp(sigmoid(i / 3) (1 - u_i)), u_i = -p_i ln p_i, sigmoid(1/3, 2/3, 1) = 0.582570, 0.660756, 0.731059;
+    u(0.2, 0.6, 0.9) = 0.321888, 0.306495, 0.094824.
+    Channel 0: w = exp(0.582570 x 0.678112), exp(0.660756 x 0.693505), exp(0.731059 x 0.905176)
+                 = 1.484456, 1.581285, 1.938155; sum w p = 2.990001, sum w = 5.003895, SUF = 0.5975348.
+    Channel 1: w = exp(0.582570 x 0.905176), exp(0.660756 x 0.693505), exp(0.731059 x 0.678112)
+                 = 1.694399, 1.581285, 1.641712; sum w p = 2.802073, sum w = 4.917396, SUF = 0.5698285.
+    The later step weighs more at the same p (0.9: 1.938 as step 3, 1.694 as step 1), so the two differ."""
     m = _model(arch)
-    per_step = [torch.full((1, 3, *spatial), v) for v in (0.2, 0.6, 0.9)]
+    steps = [(0.2, 0.9, 0.5), (0.6, 0.6, 0.5), (0.9, 0.2, 0.5)]
+    per_step = [torch.tensor(v).reshape(1, 3, *[1] * len(spatial)).expand(1, 3, *spatial) for v in steps]
     m.fusion = "last"
     torch.testing.assert_close(m.fuse(per_step), per_step[-1])
     m.fusion = "mean"
-    torch.testing.assert_close(m.fuse(per_step), torch.full_like(per_step[0], (0.2 + 0.6 + 0.9) / 3))
+    expected = torch.tensor([(0.2 + 0.6 + 0.9) / 3] * 2 + [0.5]).reshape(3, *[1] * len(spatial))
+    torch.testing.assert_close(m.fuse(per_step)[0], expected.expand(3, *spatial))
     m.fusion = "step_uncertainty"
-    w = [fusion_weight(p, i + 1, 3) for i, p in enumerate(per_step)]
-    ref = sum(wi * p for wi, p in zip(w, per_step)) / sum(w)
-    torch.testing.assert_close(m.fuse(per_step), ref)
-    # later, more certain steps weigh more
-    assert w[2].mean() > w[0].mean()
+    expected = torch.tensor([0.5975348, 0.5698285, 0.5]).reshape(3, *[1] * len(spatial))
+    torch.testing.assert_close(m.fuse(per_step)[0], expected.expand(3, *spatial), rtol=0, atol=2e-7)
 
 
 def test_sample_shapes_and_range(arch, spatial):
