@@ -123,14 +123,44 @@ def test_attention_map_and_training_input(arch, spatial, dim):
     torch.testing.assert_close(seen[-1], m.process.q_sample(x0s, t, noise))  # ablation: plain x_t
 
 
-def test_discriminator_loss_trains_only_the_discriminator(arch, spatial):
+def test_discriminator_loss_trains_only_the_discriminator(arch, spatial, monkeypatch):
+    """The non-saturating GAN loss of D by hand, with a stub D(x_prev, x_t) = w mean(x_prev) + mean(x_t) / 2 (w = 1)
+    on a known real pair (x_prev = 2 and 1 for the two samples, x_t = 0.4) and a known fake x_hat_{t-1} = -1:
+    real logits 2.2, 1.2 (label 1), fake logits -0.8 (label 0), so
+    d_real = mean softplus(-logit) = (ln(1 + e^-2.2) + ln(1 + e^-1.2)) / 2 = (0.105083 + 0.263282) / 2 = 0.184183,
+    d_fake = mean softplus(logit) = ln(1 + e^-0.8) = 0.371101 (real and fake labels swapped: 1.884183, 1.171101);
+    dloss/dw = -(2 sigmoid(-2.2) + sigmoid(-1.2)) / 2 - sigmoid(-0.8) = -0.215488 - 0.310026 = -0.525514.
+    The fake pair keeps the real pair's x_t. With the real D: only D gets gradients (the generator is frozen)."""
     m = _model(arch).train()
     terms = m(torch.randn(2, 2, *spatial), _onehot(spatial), None, mode="discriminator_loss")
     terms["loss"].backward()
     assert all(p.grad is not None for p in m.discriminator.parameters())
     assert all(p.grad is None for p in [*m.generator.parameters(), *m.mapping.parameters()])  # generator frozen
-    torch.testing.assert_close(terms["loss"], terms["d_real"] + terms["d_fake"])
     assert m.extra_optimised() == {"discriminator": m.discriminator}
+
+    class StubD(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, x_prev, x_t, t, stage=None):
+            return self.w * x_prev.flatten(1).mean(1) + x_t.flatten(1).mean(1) / 2
+
+    x0 = _onehot(spatial)
+    x_prev = torch.tensor([2.0, 1.0]).reshape(2, 1, *[1] * len(spatial)).expand(x0.shape).clone()
+    x_t = torch.full(x0.shape, 0.4)
+    seen = []
+    m.discriminator = StubD()
+    monkeypatch.setattr(m, "_real_pair", lambda x0s, t, generator: (x_prev, x_t))
+    monkeypatch.setattr(m.process, "posterior_sample",
+                        lambda x0_hat, xt, t, noise: seen.append(xt) or torch.full(x0.shape, -1.0))
+    terms = m(torch.randn(2, 2, *spatial), x0, None, mode="discriminator_loss")
+    assert seen and seen[0] is x_t
+    assert terms["d_real"].item() == pytest.approx(0.184183, abs=1e-6)
+    assert terms["d_fake"].item() == pytest.approx(0.371101, abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.184183 + 0.371101, abs=2e-6)
+    terms["loss"].backward()
+    assert m.discriminator.w.grad.item() == pytest.approx(-0.525514, abs=1e-6)
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------
