@@ -241,17 +241,31 @@ def test_models_compared_on_shared_cases(trained, tmp_path):
 
 
 def test_ensemble_command_pools_member_maps(report, tmp_path):
-    """diffnnunet_ensemble on two members predicted with their own maps (nnU-Net's calibrated error map, the
-    diffusion model's raw chains' map): mean probabilities, and the pooled map by hand."""
-    images = os.path.join(report["env"]["nnUNet_raw"], NAME, "imagesTs")
+    """diffnnunet_ensemble on two members (each model's validation .npz/.pkl with a map of its own, as
+    diffnnunet_predict --save_probabilities --save_uncertainty writes them): mean probabilities, and the pooled map
+    by hand."""
+    rng = np.random.default_rng(0)
     members = []
-    for trainer in MODELS:
-        members.append(str(tmp_path / trainer))
-        predict.main(["-i", images, "-o", members[-1], "-d", DATASET, "-tr", trainer, "-f", "0", "1", "-device", "cpu",
-                      "--save_probabilities", "--save_uncertainty", "-npp", "1", "-nps", "1"])
+    for identifier in MODELS.values():
+        member = tmp_path / identifier
+        member.mkdir()
+        for name in ("dataset.json", "plans.json"):
+            os.link(os.path.join(report["folder"], identifier, name), member / name)
+        for fold in (0, 1):
+            val = os.path.join(report["folder"], identifier, f"fold_{fold}", "validation")
+            for f in os.listdir(val):
+                if f.endswith((".npz", ".pkl")):
+                    os.link(os.path.join(val, f), member / f)
+                if f.endswith(".nii.gz"):
+                    seg = sitk.ReadImage(os.path.join(val, f))
+                    u = sitk.GetImageFromArray(rng.uniform(0, 1, sitk.GetArrayFromImage(seg).shape).astype(np.float32))
+                    u.CopyInformation(seg)
+                    sitk.WriteImage(u, str(member / f.replace(".nii.gz", "_uncertainty.nii.gz")))
+        members.append(str(member))
     out = str(tmp_path / "ensemble")
     ensemble.main(["-i", *members, "-o", out, "--save_npz", "-np", "1"])
-    cases = sorted({f[: -len("_0000.nii.gz")] for f in os.listdir(images)})
+    cases = sorted(f[:-4] for f in os.listdir(members[0]) if f.endswith(".npz"))
+    assert len(cases) == report["result"]["n_shared"]
     assert not [f for f in os.listdir(out) if f.startswith(".partial_")]
     for case in cases:
         p = [np.load(os.path.join(m, case + ".npz"))["probabilities"].astype(np.float64) for m in members]
@@ -264,13 +278,14 @@ def test_ensemble_command_pools_member_maps(report, tmp_path):
 
         jsd = np.clip(entropy(mean) - (entropy(p[0]) + entropy(p[1])) / 2, 0, None).reshape(u[0].shape)
         expected = np.clip((u[0] + u[1]) / 2 + jsd, 0, 1)
+        assert (jsd > 0.01).any()  # the members disagree somewhere: the pooled map is not the mean of their maps
         unc_image = sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz"))
         assert unc_image.GetPixelID() == sitk.sitkFloat32
         np.testing.assert_allclose(sitk.GetArrayFromImage(unc_image), expected, atol=1e-5)
         np.testing.assert_allclose(np.load(os.path.join(out, case + ".npz"))["probabilities"], mean, atol=1e-6)
         seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + ".nii.gz")))
         np.testing.assert_array_equal(seg.reshape(mean.shape[1:]), mean.argmax(0))
-        ref = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
+        ref = image_geometry(os.path.join(members[0], case + "_uncertainty.nii.gz"))
         for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
             geometry = image_geometry(path)
             assert geometry[0] == ref[0]

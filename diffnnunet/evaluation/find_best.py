@@ -47,8 +47,8 @@ def train_command(dataset: str, model: Model, fold, validation_only: bool) -> st
 
 def select_models(results_dir: str, trainers=None, configurations=None, plans=None) -> list:
     """The trained models ``TRAINER__PLANS__CONFIG`` in ``results_dir`` (nnUNet_results/DatasetXXX), filtered by
-    the given trainers, configurations and plans (None: any). A requested trainer without any model folder raises
-    :class:`MissingResults`."""
+    the given trainers (None: every registered one), configurations and plans (None: any). A requested trainer
+    without any model folder raises :class:`MissingResults`."""
     found = []
     if os.path.isdir(results_dir):
         for name in sorted(os.listdir(results_dir)):
@@ -65,7 +65,7 @@ def select_models(results_dir: str, trainers=None, configurations=None, plans=No
             raise MissingResults(f"no trained {tr} model in {results_dir}"
                                  + (f" for configuration(s) {' '.join(configurations)}" if configurations else "")
                                  + f" (train it with: diffnnunet_train DATASET {tr} FOLD --npz)")
-    if trainers is None and configurations is None and plans is None:
+    if not trainers:  # by default the registered trainers, which diffnnunet_predict can load
         registered = _registered()
         found = [m for m in found if m.trainer in registered]
     order = {t: i for i, t in enumerate(trainers or [])}
