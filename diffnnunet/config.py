@@ -51,7 +51,7 @@ DEFAULT_DIFFUSION = {
         "validation_sampling_steps": 2, "validation_samples": 1,
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5,
                                        "warmup_fraction": 0.1}, "dice_weight": 0.0, "saliency": "samples",
-                         "prediction": "eps"},
+                         "prediction": "eps", "samples_per_step": 16},
         "seed": 12345,
     },
     # LDSeg (Zaman et al. 2024): cosine T=1000, eps-prediction, DDIM 2 steps (Fig. 5 / Table IV), gamma=2, lambda=1
@@ -76,11 +76,15 @@ DEFAULT_DIFFUSION = {
         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.0},
         "validation_sampling_steps": 2, "validation_samples": 1,
         # recipe "paper" (training_recipe writes these keys over the ones above): the paper's LDSeg
+        # Eq. 12's z_t - eps_hat decoded in training (no clamp: the clipped x0 estimate stops the segmentation
+        # gradient at large t), a 1-channel latent (the denoiser's "two channel input", Sec. IV.B), one sample
+        # (Algorithm 2 decodes one chain; Fig. 10's maps used 100 runs)
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5,
                                        "warmup_fraction": 0.1},
-                         "prediction": "eps", "latent_stop_gradient": False, "min_latent_size": 2,
+                         "prediction": "eps", "denoised_latent": "paper", "latent_channels": 1,
+                         "samples_per_step": 1, "latent_stop_gradient": False, "min_latent_size": 2,
                          "image_skips": False, "image_attention": True,
-                         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0}},
+                         "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.0}},
         "seed": 12345,
     },
     # cDAL (Hejrati et al. 2024): x0-prediction, T=2 (CXR, Hippocampus; T=4 for MoNuSeg), the few-step
@@ -95,8 +99,14 @@ DEFAULT_DIFFUSION = {
         "latent": True, "latent_dim": 100, "attention": True, "attn_scale": 8, "multiclass": "auto",
         "uncertainty": "mutual_information", "loss_weights": {"mse": 1.0, "dice": 0.0},
         "validation_sampling_steps": 2, "validation_samples": 1,
+        # the configured recipe (today's measured behaviour): A_D multiplies the diffused 2 x0 - 1 ("signed"), one
+        # discriminator step on the summed real + fake loss, nnU-Net's plain conv stages. The paper (Sec. 2.2, 3.2):
+        # x0_att = x0 * A_D on the {0, 1} label ("label"), D updated on the real pair, then again on the fake
+        # pair (2 steps), and residual blocks in the generator and the discriminator
+        "attention_on": "signed", "discriminator_steps": 1, "residual_blocks": False,
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5,
-                                       "warmup_fraction": 0.1, "discriminator": {"initial_lr": 1e-3}}},
+                                       "warmup_fraction": 0.1, "discriminator": {"initial_lr": 1e-3}},
+                         "attention_on": "label", "discriminator_steps": 2, "residual_blocks": True},
         "seed": 12345,
     },
     # MedSegDiff-V2 (Wu et al. 2024): linear T=1000, eps-prediction, anchor loss every alpha=5 timesteps with
@@ -117,6 +127,11 @@ DEFAULT_DIFFUSION = {
         "sampling_steps": 10, "samples_per_step": 5, "fusion": "staple", "multiclass": "auto",
         "anchor_alpha": 5, "anchor_beta": 10.0, "u_sa": True, "ss_former": True, "nbp_filter": True,
         "ss_blocks": 4, "ss_dim": 128, "nbp_blocks": 6, "nbp_width": 16, "max_tokens": 64,
+        # the recipe's deviations from the paper, each a switch (medsegdiff_v2.md, "Design decisions"): the image
+        # also enters the Diffusion Model (cat(I, x_t); the paper's Fig. 1 feeds x_t alone), a softmax over the
+        # keys in the spectral attention (the paper: F^-1(M')(c W^v) unnormalised); ss_dim and max_tokens above
+        # (the paper: no projection down, null; no token pooling, null)
+        "diffusion_image": True, "ss_softmax": True,
         # the native map: the S x0 chains' mutual information, as every Gaussian method's: 0 where they agree, also
         # over the demo's test background, which sits at another z-score than the training slices' and where the
         # chains agree on a soft probability that their total entropy ranks above most errors (medsegdiff_v2.md,
@@ -127,9 +142,12 @@ DEFAULT_DIFFUSION = {
         # test Dice 0.863 and 0.866, the raw weights 0.897 and 0.890, uncertainty AUROC 0.925-0.931 against
         # 0.933-0.940 (benchmarks.md, "EMA ablation (stop 25)")
         "default_recipe": {"ema": {"enabled": False}},
-        # the paper: AdamW, initial lr 1e-4, batch 32 (Sec. "Implementation details")
+        # the paper: AdamW, initial lr 1e-4, batch 32, 100 sampling steps x 10 samples fused by STAPLE
+        # (Sec. "Implementation details"), eps-prediction, every deviation switched off
         "paper_recipe": {"optimizer": {"name": "AdamW", "initial_lr": 1e-4, "weight_decay": 1e-5,
-                                       "warmup_fraction": 0.1}, "prediction": "eps"},
+                                       "warmup_fraction": 0.1}, "prediction": "eps",
+                         "sampling_steps": 100, "samples_per_step": 10, "diffusion_image": False,
+                         "ss_softmax": False, "ss_dim": None, "max_tokens": None},
         "seed": 12345,
     },
 }

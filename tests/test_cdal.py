@@ -13,7 +13,7 @@ from diffnnunet.config import DEFAULT_DIFFUSION
 from diffnnunet.methods import CDAL, METHODS, encode_target
 from diffnnunet.methods.cdal import attention_stage
 from diffnnunet.processes import GaussianProcess, make_beta_schedule
-from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
 
 def _model(arch, channels=2, classes=3, seed=0, **diffusion):
@@ -215,16 +215,13 @@ def test_plans_defaults_and_attention_stage():
 
 
 # -- trainer with two optimizers and the CLIs end to end ------------------------------------------------------------
-IDS = {2: 851, 3: 852}
+IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet_cdal"), IDS,
-        [["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "cdal", "--no_baseline"] for d in (2, 3)],
-        "cDALPlans", samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet_cdal"), "cDALPlans", samples_per_step=2)
 
 
 def _fold(env, dim, fold=0):
@@ -266,7 +263,7 @@ def test_cli_plan_train_continue_predict(env, dim, tmp_path):
     out = str(tmp_path / "pred")
     images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "cDALTrainer", "-f", "0", "-device", "cpu",
-                  "--save_uncertainty", "--save_probabilities"])
+                  "-npp", "0", "--save_uncertainty", "--save_probabilities"])
     for case in sorted({f[:-12] for f in os.listdir(images)}):
         src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
         for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
@@ -327,3 +324,86 @@ def test_two_gloo_ranks_sync_both_networks(tmp_path):
     for k in ("g", "d"):
         equal, moved = r[k]
         assert equal and moved > 1e-4, (k, r)  # different batches per rank, yet identical weights: synced
+
+
+# -- recipe "paper": attention on the {0, 1} label, two discriminator steps, residual blocks -------------------------
+def test_paper_attention_multiplies_the_01_label(arch, spatial):
+    """Sec. 2.2, x0_att = x0 * A_D on the {0, 1} label, diffused as 2 x0_att - 1: background stays at -1 (the
+    recipe's (2 x0 - 1) A_D pulls it towards 0, i.e. p = 1/2); foreground becomes 2 A_D - 1."""
+    m = _model(arch, attention_on="label")
+    x0 = _onehot(spatial)
+    t, noise = torch.tensor([0, 1]), torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    seen = []
+    m.generator.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, 2:].clone()))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        m.training_loss(torch.randn(2, 2, *spatial), x0, t=t, noise=noise, generator=g)
+        g = torch.Generator().manual_seed(5)
+        pair = m.process.q_sample_pair(2 * x0 - 1, t, *[torch.randn(x0.shape, generator=g) for _ in range(2)])
+        a_d = m.attention_map(*pair, t)
+    x0_att = torch.where(x0 > 0, 2 * a_d - 1, -torch.ones_like(x0))  # by hand, per voxel
+    torch.testing.assert_close(seen[-1], m.process.q_sample(x0_att, t, noise))
+    signed = _model(arch)
+    signed.load_state_dict(m.state_dict())
+    signed.generator.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, 2:].clone()))
+    with torch.no_grad():
+        signed.training_loss(torch.randn(2, 2, *spatial), x0, t=t, noise=noise,
+                             generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(seen[-1], m.process.q_sample((2 * x0 - 1) * a_d, t, noise))
+    with pytest.raises(ValueError, match="attention_on"):
+        _model(arch, attention_on="both")
+
+
+def test_paper_two_discriminator_steps_per_generator_step(arch, spatial):
+    """The trainer steps D once per part of extra_steps: the paper's real step, then its fake step on the same x_t
+    (Sec. 2.2); the recipe's one step on the summed loss."""
+    from types import SimpleNamespace
+
+    from diffnnunet.trainers.optimizers import MultiOptimizerMixin
+    m = _model(arch, discriminator_steps=2).train()
+    assert m.extra_steps() == {"discriminator": ("real", "fake")}
+    assert _model(arch).extra_steps() == {"discriminator": (None,)}
+    calls, inputs = [], []
+    m.discriminator.register_forward_pre_hook(lambda mod, args: inputs.append(args[1].detach().clone()))
+    optimizer = torch.optim.SGD(m.discriminator.parameters(), lr=0.1)
+
+    def step(loss, opt, scaler, params):
+        loss.backward()
+        calls.append(loss.detach())
+        opt.step()
+
+    trainer = SimpleNamespace(network=m, extra_optimizers={"discriminator": optimizer},
+                              extra_parameter_groups=lambda: {"discriminator": list(m.discriminator.parameters())},
+                              extra_grad_scalers={"discriminator": None}, optimizer_step=step,
+                              _autocast=lambda: torch.autocast("cpu", enabled=False))
+    torch.manual_seed(0)
+    terms = MultiOptimizerMixin.step_extra_optimizers(trainer, torch.randn(2, 2, *spatial), _onehot(spatial), None)
+    assert len(calls) == 2 and set(terms) == {"discriminator_loss", "d_real", "d_fake"}
+    torch.testing.assert_close(terms["discriminator_loss"], calls[0] + calls[1])
+    torch.testing.assert_close(terms["d_real"], calls[0])
+    assert len(inputs) == 2 and torch.equal(inputs[0], inputs[1])  # the fake pair shares the real pair's x_t
+    with pytest.raises(ValueError, match="discriminator_steps"):
+        _model(arch, discriminator_steps=3)
+
+
+def test_paper_residual_blocks_in_generator_and_discriminator(arch, spatial, dim):
+    """residual_blocks: every stage of both networks is convs(x) + shortcut(x) (identity or a strided 1x1 conv)."""
+    m = _model(arch, residual_blocks=True)
+    plain = _model(arch)
+    stages = [*m.generator.encoder.stages, *m.generator.dec_stages, *m.discriminator.encoder.stages]
+    assert all(s.residual for s in stages) and not any(s.residual for s in plain.generator.encoder.stages)
+    stage = m.discriminator.encoder.stages[1]  # 4 -> 8 channels, stride 2: a projected shortcut
+    assert stage.shortcut is not None and list(stage.shortcut.stride) == stage.stride
+    x = torch.randn(1, 4, *spatial)
+    with torch.no_grad():
+        temb = m.discriminator.time_embed(torch.tensor([1]))
+        torch.testing.assert_close(stage(x, temb), stage._convs(x, temb) + stage.shortcut(x))
+    same = m.generator.dec_stages[-1]  # 2 F0 -> F0: projected; a shape-keeping stage has the identity
+    from diffnnunet.networks.time_unet import UNetEncoder
+    enc = UNetEncoder(4, 2, [4, 4], arch["conv_op"], arch["kernel_sizes"][:2], [[1] * dim] * 2, [2, 2], residual=True,
+                      norm_op=arch["norm_op"], nonlin=arch["nonlin"])
+    assert enc.stages[1].shortcut is None and same.shortcut is not None
+    with torch.no_grad():
+        h = enc.stages[0](x)
+        torch.testing.assert_close(enc.stages[1](h), enc.stages[1]._convs(h) + h)
+    assert sum(p.numel() for p in m.parameters()) > sum(p.numel() for p in plain.parameters())

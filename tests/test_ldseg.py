@@ -10,7 +10,7 @@ from diffnnunet.methods import METHODS, LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from tests.conftest import ARCH_2D as ARCH_2D_TINY
-from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
+from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, module_cli_env
 
 NNUNET_2D = dict(n_stages=7, features_per_stage=[32, 64, 128, 256, 512, 512, 512],
                  conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 7,
@@ -320,18 +320,14 @@ def test_default_recipe_trains_every_parameter():
 
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------
-IDS = {2: 841, 3: 842}
+IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    # LDSegPlans alone (its 2d/3d_fullres data identifiers are nnU-Net's), one configuration per dataset; a cheap
-    # sampling keeps the final validation fast on CPU
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet_ldseg"), IDS,
-        [["-d", str(IDS[d]), "-c", CONFIG[d], "-np", "2", "-methods", "ldseg", "--no_baseline"] for d in (2, 3)],
-        "LDSegPlans", samples_per_step=2)
+def env(planned, tmp_path_factory):
+    # a cheap sampling keeps the final validation fast on CPU
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet_ldseg"), "LDSegPlans", samples_per_step=2)
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
@@ -360,7 +356,7 @@ def test_cli_plan_train_predict(env, dim, tmp_path):
     out = str(tmp_path / "pred")
     images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "LDSegTrainer", "-f", "0", "-device", "cpu",
-                  "--save_uncertainty", "--save_probabilities", "--samples", "3", "--uncertainty", "std"])
+                  "-npp", "0", "--save_uncertainty", "--save_probabilities", "--samples", "3", "--uncertainty", "std"])
     for case in sorted({f[:-12] for f in os.listdir(images)}):
         src = sitk.ReadImage(os.path.join(images, case + "_0000.nii.gz"))
         for path in (os.path.join(out, case + ".nii.gz"), os.path.join(out, case + "_uncertainty.nii.gz")):
@@ -464,3 +460,36 @@ def test_min_latent_size_key_keeps_small_patches_from_collapsing_to_a_few_latent
     assert paper["latent_size"] == [5, 5]
     big = LDSeg.configure_plans(dict(recipe), {"patch_size": [256, 256], "architecture": {"arch_kwargs": NNUNET_2D}})
     assert big["latent_size"] == [16, 16]  # large patches keep the paper's 16x
+
+
+# -- recipe "paper": Eq. 12 and the 1-channel latent ------------------------------------------------------------------
+def test_paper_eq12_decodes_z_t_minus_eps_hat_unclamped_with_a_one_channel_latent(arch, spatial):
+    """Eq. 12, z_dn = z_l(t) - f_denoiser(z_l(t), z_i, t), on a stub output: no clip (values far beyond x0_clip pass)
+    and the segmentation gradient reaches eps_hat at t = T - 1, where the clipped x0 estimate passes none."""
+    paper = _model(arch, spatial, prediction="eps", denoised_latent="paper", latent_channels=1)
+    z_t = torch.tensor([-40.0, -1.0, 0.5, 60.0]).reshape(1, 1, 2, 2)
+    eps_hat = torch.tensor([3.0, -2.0, 0.25, -7.0]).reshape(1, 1, 2, 2).requires_grad_()
+    t = torch.tensor([paper.process.timesteps - 1])
+    z_dn = paper.denoise(z_t, eps_hat, t)
+    torch.testing.assert_close(z_dn, torch.tensor([-43.0, 1.0, 0.25, 67.0]).reshape(1, 1, 2, 2))
+    z_dn.sum().backward()
+    torch.testing.assert_close(eps_hat.grad, -torch.ones_like(eps_hat))  # d(z_t - eps_hat)/d eps_hat = -1
+    paper.denoised_latent, eps_hat.grad = "x0", None  # the recipe's form: the x0 estimate, clipped to +-5
+    paper.denoise(z_t, eps_hat, t).sum().backward()  # x0 = (z_t - sqrt(1 - abar) eps_hat) / sqrt(abar): clamped
+    assert eps_hat.grad.abs().max() == 0
+    paper.denoised_latent = "paper"
+    # the paper's denoiser input has two channels: a 1-channel latent next to a 1-channel image embedding
+    x0 = _onehot(spatial)
+    assert paper.denoiser.encoder.stages[0].first.convs[0].conv.in_channels == 2
+    image = torch.randn(2, 2, *spatial, generator=torch.Generator().manual_seed(9))
+    seen = []
+    paper.label_decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    tt = torch.tensor([paper.process.timesteps - 1, 500])
+    with torch.no_grad():
+        z_l = paper.encode_label(x0)
+        assert z_l.shape[1] == 1
+        noise = torch.randn(z_l.shape, generator=torch.Generator().manual_seed(3))
+        paper.training_loss(image, x0, t=tt, noise=noise)
+        z_tt = paper.process.q_sample(z_l, tt, noise)
+        expected = z_tt - paper.predict_noise(z_tt, paper.encode_image(image), tt)  # Algorithm 1, line 8
+    torch.testing.assert_close(seen[-1], expected)

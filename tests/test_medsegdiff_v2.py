@@ -18,7 +18,7 @@ from diffnnunet.methods.staple import staple, staple_fuse
 from diffnnunet.networks import TimeEmbedding
 from diffnnunet.networks.ss_former import NBPFilter, SpectralCrossAttention, SSFormer, token_grid
 from diffnnunet.trainers import TRAINERS, default_plans_for
-from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
 
 def _model(arch, channels=2, classes=3, **diffusion):
@@ -264,17 +264,14 @@ def test_ablation_switches_remove_the_parts(arch):
 
 
 # -- planner and CLIs end to end -------------------------------------------------------------------------------------
-IDS = {2: 851, 3: 852}
+IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet_medsegdiff_v2"), IDS,
-        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "medsegdiff_v2",
-          "--no_baseline"]],
-        "MedSegDiffV2Plans", sampling_steps=2, samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet_medsegdiff_v2"), "MedSegDiffV2Plans",
+                              sampling_steps=2, samples_per_step=2)
 
 
 def test_planned_patch_and_batch_fit_the_memory_budget(env):
@@ -317,7 +314,7 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
         assert os.path.isfile(os.path.join(fold, f)), f
     out = str(tmp_path / "pred")
     images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
-    predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "MedSegDiffV2Trainer", "-f", "0",
+    predict.main(["-npp", "0", "-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "MedSegDiffV2Trainer", "-f", "0",
                   "-device", "cpu", "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "3"])
     for case in sorted({f[:-12] for f in os.listdir(images)}):
         src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))
@@ -333,3 +330,47 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
         probs = np.load(os.path.join(out, case + ".npz"))["probabilities"]
         assert probs.shape[0] == 3
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
+
+
+# -- recipe "paper": one switch per deviation, Table 4's SA row --------------------------------------------------
+def test_paper_switches_change_the_structure(arch, spatial):
+    """diffusion_image: the Diffusion Model sees x_t alone (the paper's Fig. 1: N input channels, not M + N, and the
+    image reaches it only through the conditions); ss_dim null: tokens keep the bottleneck's width; max_tokens
+    null: the token grid is never pooled; u_sa "sa": the plain spatial attention of Table 4."""
+    small = {"ss_blocks": 1, "nbp_blocks": 1}
+    recipe = _model(arch, **small)
+    paper = _model(arch, diffusion_image=False, ss_dim=None, max_tokens=None, u_sa="sa", ss_softmax=False, **small)
+    assert recipe.diffusion.encoder.stages[0].first.convs[0].conv.in_channels == 2 + 3
+    assert paper.diffusion.encoder.stages[0].first.convs[0].conv.in_channels == 3
+    width = paper.diffusion.encoder.features[-1]
+    assert paper.ss_former.embed_e.out_features == width and paper.ss_former.max_tokens is None
+    assert token_grid((9, 10, 11), None) == [9, 10, 11] and token_grid((9, 10, 11), 64) != [9, 10, 11]
+    assert paper.u_sa.smooth is None and recipe.u_sa.smooth is not None
+    assert not paper.ss_former.to_semantic[0].softmax and recipe.ss_former.to_semantic[0].softmax
+    x_t, t = torch.randn(1, 3, *spatial), torch.tensor([7])
+    cond = paper.condition_forward(torch.randn(1, 2, *spatial))[1:]
+    with torch.no_grad():  # the image enters only through (f_c, c): another image, the same conditions, same output
+        torch.testing.assert_close(paper(torch.randn(1, 2, *spatial), x_t, t, cond),
+                                   paper(torch.zeros(1, 2, *spatial), x_t, t, cond))
+    with pytest.raises(ValueError, match="u_sa"):
+        _model(arch, u_sa="usa")
+
+
+@pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
+def test_plain_spatial_attention_and_unnormalised_spectral_attention_by_hand(dim):
+    """Table 4's SA row: f_d' = sigmoid(f_c * k_1x1) f_d + f_d (no Gaussian, no max). ss_softmax false: the paper's
+    f = F^-1(M') (c W^v) = A V, without the softmax over keys."""
+    torch.manual_seed(0)
+    spatial = (6, 6) if dim == 2 else (2, 6, 6)
+    sa = USA(2, dim, [5] * dim, uncertain=False)
+    f_c, f_d = torch.randn(1, 2, *spatial), torch.randn(1, 3, *spatial)
+    gate = torch.sigmoid(torch.einsum("bc...,c->b...", f_c, sa.proj.weight.flatten()) + sa.proj.bias)[:, None]
+    torch.testing.assert_close(sa(f_c, f_d), gate * f_d + f_d)
+    attn = SpectralCrossAttention(8, dim, 16, nbp_filter=False, softmax=False)
+    grid = (2, 3) if dim == 2 else (2, 1, 3)
+    q, kv = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    a = attn.affinity(attn.norm_q(q), attn.norm_kv(kv), grid, None)
+    out = q + attn.wo(a @ attn.wv(attn.norm_kv(kv)))
+    torch.testing.assert_close(attn(q, kv, grid, None), out + attn.mlp(attn.norm_mlp(out)))
+    attn.softmax = True
+    assert not torch.allclose(attn(q, kv, grid, None), out + attn.mlp(attn.norm_mlp(out)))

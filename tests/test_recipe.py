@@ -1,10 +1,16 @@
-"""The training recipe: the EMA of the weights (trainers/ema.py) against hand-computed values, and the planner's
-configured vs. the papers' recipe."""
+"""The training recipe: the EMA of the weights (trainers/ema.py) against hand-computed values, the configured and
+the papers' recipes as literal values, `diffnnunet_plan_and_preprocess --recipe paper` checked against every
+published value, and the end-of-training tuning keeping the published budget."""
+import json
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from diffnnunet.config import DEFAULT_DIFFUSION, DEFAULT_RECIPE, training_recipe
+from diffnnunet.config import DEFAULT_DIFFUSION, DEFAULT_RECIPE, resolve_diffusion, training_recipe
 from diffnnunet.trainers.ema import WeightEMA, ema_decay
+from tests.helpers import synthetic_cli_env
 
 
 @pytest.mark.parametrize("total, fraction, expected", [
@@ -47,24 +53,125 @@ def test_weight_ema_copies_integer_buffers(dim):
     torch.testing.assert_close(ema.shadow["running_mean"], expected)
 
 
+#: the configured recipe, literally (planner.md, "The training recipe")
+DEFAULT = {"recipe": "default",
+           "optimizer": {"name": "AdamW", "initial_lr": 1e-3, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+           "ema": {"enabled": True, "horizon_fraction": 0.1, "max_decay": 0.9999}}
+ADAMW = {"name": "AdamW", "weight_decay": 1e-5, "warmup_fraction": 0.1}
+#: what recipe "paper" writes over each method's defaults, literally (the papers' numbers; see PUBLISHED)
+PAPER = {
+    "diff_unet": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-4}},
+    "berdiff": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-4},
+                "dice_weight": 0.0, "saliency": "samples", "prediction": "eps", "samples_per_step": 16},
+    "ldseg": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-3},
+              "prediction": "eps", "denoised_latent": "paper", "latent_channels": 1, "samples_per_step": 1,
+              "latent_stop_gradient": False, "min_latent_size": 2, "image_skips": False, "image_attention": True,
+              "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.0}},
+    "cdal": {"recipe": "paper", "ema": {"enabled": False},
+             "optimizer": {**ADAMW, "initial_lr": 1e-3, "discriminator": {"initial_lr": 1e-3}},
+             "attention_on": "label", "discriminator_steps": 2, "residual_blocks": True},
+    "medsegdiff_v2": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-4},
+                      "prediction": "eps", "sampling_steps": 100, "samples_per_step": 10,
+                      "diffusion_image": False, "ss_softmax": False, "ss_dim": None, "max_tokens": None},
+}
+
+
 @pytest.mark.parametrize("method", sorted(DEFAULT_DIFFUSION))
-def test_paper_recipe_has_no_ema_and_default_does(method):
-    paper, default = training_recipe(DEFAULT_DIFFUSION[method], "paper"), training_recipe(DEFAULT_DIFFUSION[method])
-    assert paper["recipe"] == "paper" and not paper["ema"]["enabled"]
-    assert paper["optimizer"] == DEFAULT_DIFFUSION[method]["paper_recipe"]["optimizer"]
-    own = DEFAULT_DIFFUSION[method].get("default_recipe", {})
-    assert default["recipe"] == "default" and default["ema"]["enabled"] == own.get("ema", {}).get("enabled", True)
-    assert default["optimizer"] == {**DEFAULT_RECIPE["optimizer"], **own.get("optimizer", {})}
+def test_recipes_literally(method):
+    assert training_recipe(DEFAULT_DIFFUSION[method], "paper") == PAPER[method]
+    default = training_recipe(DEFAULT_DIFFUSION[method])
+    if method == "medsegdiff_v2":  # measured without the EMA (benchmarks.md, "EMA ablation")
+        assert default == {**DEFAULT, "ema": {"enabled": False, "horizon_fraction": 0.1, "max_decay": 0.9999}}
+    else:
+        assert default == DEFAULT
     with pytest.raises(ValueError, match="unknown training recipe"):
         training_recipe(DEFAULT_DIFFUSION[method], "fast")
 
 
 def test_a_methods_default_recipe_overrides_only_its_own_entries():
-    """MedSegDiff-V2 trains without the weight EMA (measured, benchmarks.md) and keeps the configured optimizer and
-    the EMA's other settings; the other methods keep the shared default."""
+    """A method's measured exception (``default_recipe``) replaces only its own entries of the configured recipe."""
     recipe = training_recipe({"default_recipe": {"ema": {"enabled": False}}})
-    assert recipe["ema"] == {**DEFAULT_RECIPE["ema"], "enabled": False}
-    assert recipe["optimizer"] == DEFAULT_RECIPE["optimizer"]
-    assert DEFAULT_RECIPE["ema"]["enabled"]  # the shared default is not modified
-    assert not training_recipe(DEFAULT_DIFFUSION["medsegdiff_v2"])["ema"]["enabled"]
-    assert training_recipe(DEFAULT_DIFFUSION["diff_unet"])["ema"]["enabled"]
+    assert recipe == {**DEFAULT, "ema": {"enabled": False, "horizon_fraction": 0.1, "max_decay": 0.9999}}
+    assert DEFAULT_RECIPE == {k: v for k, v in DEFAULT.items() if k != "recipe"}  # the shared default is unchanged
+
+
+#: every published value, by paper, as the planned 2d diffusion section must hold it (-methods all, --recipe paper)
+PUBLISHED = {
+    # Diff-UNet: T = 1000, linear 1e-4..0.02, x0, DDIM 10 steps x S = 4, SUF, Dice + BCE + MSE, AdamW 1e-4 (wd 1e-5,
+    # warm-up 1/10, cosine)
+    "diff_unet": {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "prediction": "x0",
+                  "sampling_steps": 10, "samples_per_step": 4, "fusion": "step_uncertainty",
+                  "loss_weights": {"dice": 1.0, "bce": 1.0, "mse": 1.0}},
+    # BerDiff: T = 1000 linear, the noise estimate, KL + BCE, DDIM sub-sequence, 16 samples, AdamW 1e-4 (BRATS)
+    "berdiff": {"process": "bernoulli", "timesteps": 1000, "schedule": "linear", "beta_start": 1e-4,
+                "beta_end": 0.02, "sampler": "ddim", "prediction": "eps", "bce_weight": 1.0, "dice_weight": 0.0,
+                "samples_per_step": 16},
+    # LDSeg: cosine T = 1000, eps, Eq. 12, a 1-channel latent (two denoiser input channels), 16x downsampling,
+    # DDIM 2 steps, one chain, gamma = 2, lambda = 1, initial lr 1e-3, attention in the image encoder, no skips
+    "ldseg": {"timesteps": 1000, "schedule": "cosine", "prediction": "eps", "denoised_latent": "paper",
+              "latent_channels": 1, "latent_downsampling": 16, "sampling_steps": 2, "samples_per_step": 1,
+              "eta": 0.0, "loss_weights": {"ce": 1.0, "dice": 2.0, "mse": 1.0, "autoencoder": 0.0},
+              "image_skips": False, "image_attention": True, "latent_stop_gradient": False},
+    # cDAL: x0, T = 2 (CXR, Hippocampus), posterior sampling over the T steps, 5 generations averaged, Eq. 4 alone,
+    # latent z and D's attention on x0 in {0, 1}, D updated twice, residual blocks
+    "cdal": {"prediction": "x0", "timesteps": 2, "schedule": "vp", "eta": 1.0, "sampling_steps": 2,
+             "samples_per_step": 5, "latent": True, "attention": True, "attention_on": "label",
+             "discriminator_steps": 2, "residual_blocks": True, "loss_weights": {"mse": 1.0, "dice": 0.0}},
+    # MedSegDiff-V2: linear T = 1000, eps, alpha = 5, beta = 10, N = 4 SS-Former blocks, R = 6 NBP blocks,
+    # 100 steps x 10 samples fused by STAPLE, AdamW 1e-4, x_t alone into the Diffusion Model, no softmax, no
+    # projection down, no token pooling, U-SA + SS-Former + NBP-Filter
+    "medsegdiff_v2": {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                      "prediction": "eps", "anchor_alpha": 5, "anchor_beta": 10.0, "ss_blocks": 4, "nbp_blocks": 6,
+                      "sampling_steps": 100, "samples_per_step": 10, "fusion": "staple", "u_sa": True,
+                      "ss_former": True, "nbp_filter": True, "diffusion_image": False, "ss_softmax": False,
+                      "ss_dim": None, "max_tokens": None},
+}
+LR = {"diff_unet": 1e-4, "berdiff": 1e-4, "ldseg": 1e-3, "cdal": 1e-3, "medsegdiff_v2": 1e-4}
+PLANS = {"diff_unet": "DiffnnUNetPlans", "berdiff": "BerDiffPlans", "ldseg": "LDSegPlans", "cdal": "cDALPlans",
+         "medsegdiff_v2": "MedSegDiffV2Plans"}
+
+
+@pytest.fixture(scope="module")
+def paper_plans(tmp_path_factory):
+    """Dataset 861 (2D) planned, not preprocessed, with every method under --recipe paper."""
+    yield from synthetic_cli_env(tmp_path_factory.mktemp("recipe"), {2: 861},
+                                 [["-d", "861", "-c", "2d", "-np", "2", "--no_pp", "--no_baseline", "--recipe",
+                                   "paper", "-methods", *sorted(PLANS)]], "DiffnnUNetPlans")
+
+
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_plan_with_recipe_paper_holds_every_published_value(paper_plans, method):
+    folder = os.path.join(paper_plans["nnUNet_preprocessed"], "Dataset861_Synthetic2D")
+    with open(os.path.join(folder, PLANS[method] + ".json")) as f:
+        section = json.load(f)["configurations"]["2d"]["diffusion"]
+    assert section["method"] == method and section["recipe"] == "paper"
+    assert {k: section[k] for k in PUBLISHED[method]} == PUBLISHED[method]
+    assert section["optimizer"]["name"] == "AdamW" and section["optimizer"]["initial_lr"] == LR[method]
+    assert section["ema"] == {"enabled": False}  # none of the papers reports a weight EMA
+    assert "paper_recipe" not in section and "default_recipe" not in section
+
+
+def test_tuning_keeps_the_paper_budget(tmp_path, monkeypatch):
+    """Under recipe "paper" the end-of-training tuning runs no budget grid: sampling.json keeps the plans'
+    published steps x samples (MedSegDiff-V2's 100 x 10, outside the grid), which diffnnunet_predict then uses."""
+    import diffnnunet.inference.predictor as predictor_module
+    from diffnnunet.inference.calibration import load_tuned_sampling
+    from diffnnunet.inference.tuning import tune_sampling
+
+    class Predictor:  # the model folder's predictor, without weights: nothing is predicted when the budget is kept
+        def __init__(self, **kwargs):
+            self.diffusion = None
+
+        def initialize_from_trained_model_folder(self, folder, folds, checkpoint):
+            self.diffusion = resolve_diffusion({"method": "medsegdiff_v2", **PAPER["medsegdiff_v2"]})
+            self.configuration_manager = SimpleNamespace(data_identifier="data")
+
+    monkeypatch.setattr(predictor_module, "DiffusionPredictor", Predictor)
+    monkeypatch.setattr("nnunetv2.training.dataloading.nnunet_dataset.infer_dataset_class",
+                        lambda folder: lambda path: None)
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b", "c"]}]))
+    summary = tune_sampling(str(tmp_path), str(tmp_path / "pre"), [0], calibration=False)
+    assert (summary["sampling_steps"], summary["samples_per_step"], summary["budget"]) == (100, 10, "plans")
+    assert "grid" not in summary and summary["cases"] == 2
+    assert load_tuned_sampling(str(tmp_path)) == {"sampling_steps": 100, "samples_per_step": 10}

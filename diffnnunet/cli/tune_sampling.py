@@ -70,6 +70,10 @@ def run_tuning(dataset: str, trainer: str, configuration=None, plans=None, folds
         print(f"{os.path.join(folder, SAMPLING_FILE)}: {summary['sampling_steps']} steps x "
               f"{summary['samples_per_step']} samples (Dice {summary['dice']:.4f}, best {summary['best']['dice']:.4f}, "
               f"{summary['cases']} cases)")
+    elif summary.get("budget") == "plans":
+        print(f"{os.path.join(folder, SAMPLING_FILE)}: the plans' budget kept ({summary['sampling_steps']} steps x "
+              f"{summary['samples_per_step']} samples, recipe {summary['recipe']}), calibrated on "
+              f"{summary['cases']} validation cases")
     else:
         print(f"{os.path.join(folder, SAMPLING_FILE)}: calibration of the stock model on {summary['cases']} "
               "validation cases (mirroring on, as diffnnunet_predict predicts it)")

@@ -148,13 +148,15 @@ def validation_keys(preprocessed_dataset_folder: str, fold) -> list:
 def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, steps_grid=DEFAULT_STEPS,
                   samples_grid=DEFAULT_SAMPLES, tolerance: float = 0.005, device=torch.device("cpu"),  # noqa: B008
                   checkpoint: str = "checkpoint_final.pth", max_cases: int | None = None, seed: int | None = None,
-                  write: bool = True, calibration: bool = True) -> dict:
+                  write: bool = True, calibration: bool = True, keep_budget: bool | None = None) -> dict:
     """Validation Dice, ECE and uncertainty AUROC (the chains' map in the plans' measure against the errors, exact)
     of every (steps, samples) in the grid on each fold's validation cases, the choice by :func:`choose_budget`; with
     ``calibration`` a temperature and an error map fitted at the chosen budget on the same cases; returns and
     (with ``write``) stores the choice in ``model_folder/sampling.json`` (atomically). A stock nnU-Net model has no
     budget: it gets the same calibration (temperature and the error map of its margin, predicted with its mirroring
-    as diffnnunet_predict does by default), so that its uncertainty is compared like for like."""
+    as diffnnunet_predict does by default), so that its uncertainty is compared like for like. ``keep_budget``
+    (None: when the plans' ``recipe`` is ``paper``) skips the grid and keeps the plans' (published) budget: the
+    summary stores it (``budget: "plans"``) with the calibration at that budget."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from diffnnunet.evaluation.uncertainty import (
@@ -187,7 +189,9 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
         dataset = infer_dataset_class(data_folder)(data_folder)
         keys = validation_keys(preprocessed_dataset_folder, fold)[:max_cases]
         passes.append((predictor, dataset, keys))
-        if stock:
+        if keep_budget is None:
+            keep_budget = not stock and predictor.diffusion["recipe"] == "paper"
+        if stock or keep_budget:
             cases_used += len(keys)
             continue
         lm = predictor.label_manager
@@ -215,6 +219,8 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
         return _write_summary(model_folder, {"calibration": _calibrate(passes), "mirroring": True,
                                              "folds": [int(f) for f in folds], "cases": cases_used,
                                              "checkpoint": checkpoint, "geometry": "preprocessed"}, write)
+    if keep_budget:
+        return _write_summary(model_folder, _plans_budget(passes, calibration, folds, cases_used, checkpoint), write)
     results = [{"steps": s, "samples": n, "evaluations": s * n, "dice": _dice(counts[(s, n)]),
                 "ece": ece_from_bins(ece_bins[(s, n)]),
                 "auroc": (auroc_from_histograms(merge_counts(unc_counts[(s, n)])["counts"])
@@ -230,6 +236,19 @@ def tune_sampling(model_folder: str, preprocessed_dataset_folder: str, folds, st
     if calibration:
         summary["calibration"] = _calibrate(passes, chosen["steps"], chosen["samples"])
     return _write_summary(model_folder, summary, write)
+
+
+def _plans_budget(passes: list, calibration: bool, folds, cases: int, checkpoint: str) -> dict:
+    """The summary that keeps the plans' budget (``--recipe paper``: the published steps x samples), with the
+    calibration fitted at that budget."""
+    diffusion = passes[0][0].diffusion
+    steps, samples = int(diffusion["sampling_steps"]), int(diffusion["samples_per_step"])
+    summary = {"sampling_steps": steps, "samples_per_step": samples, "budget": "plans",
+               "recipe": diffusion["recipe"], "folds": [f if f == "all" else int(f) for f in folds],
+               "cases": cases, "checkpoint": checkpoint, "geometry": "preprocessed"}
+    if calibration:
+        summary["calibration"] = _calibrate(passes, steps, samples)
+    return summary
 
 
 def _write_summary(model_folder: str, summary: dict, write: bool) -> dict:

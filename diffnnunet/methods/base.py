@@ -139,6 +139,11 @@ class DiffusionMethod(nn.Module):
         Default: none."""
         return {}
 
+    def extra_steps(self) -> dict:
+        """name -> the ``part`` argument of each of the extra network's optimizer steps per training iteration
+        (``forward(mode="<name>_loss", part=...)``, in order). Default: one step, ``part`` None, per extra network."""
+        return {name: (None,) for name in self.extra_optimised()}
+
     def forward(self, *args, mode: str = "network", **kwargs):
         """``mode="network"``: :meth:`network_forward`; another mode: the method ``forward_modes[mode]`` names."""
         if mode == "network":

@@ -15,6 +15,10 @@ from diffnnunet.processes import GaussianProcess
 
 MULTICLASS_MODES = ("categorical", "per_channel")
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+#: what A_D multiplies: the diffused 2 x0 - 1 (``signed``, the recipe) or the {0, 1} label (``label``, the paper)
+ATTENTION_ON = ("signed", "label")
+#: the discriminator's optimizer steps per generator step: the parts of its loss each step takes (Sec. 2.2)
+DISCRIMINATOR_PARTS = {1: (None,), 2: ("real", "fake")}
 
 
 def attention_stage(arch_kwargs: dict, attn_scale: int) -> int:
@@ -43,16 +47,17 @@ class LatentMapping(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """D(x_{t-1}, x_t, t): the plans' encoder topology (residual-free nnU-Net stages) on cat(x_{t-1}, x_t)
-    ``(B, 2N, *spatial)`` with a sinusoidal time embedding added in every stage, global average pooling and a
-    linear head -> real/fake logit ``(B,)``. ``forward(..., stage=s)`` also returns stage ``s``'s feature map."""
+    """D(x_{t-1}, x_t, t): the plans' encoder topology (nnU-Net's plain stages, or residual blocks with
+    ``residual``, the paper's) on cat(x_{t-1}, x_t) ``(B, 2N, *spatial)`` with a sinusoidal time embedding added in
+    every stage, global average pooling and a linear head -> real/fake logit ``(B,)``. ``forward(..., stage=s)``
+    also returns stage ``s``'s feature map."""
 
-    def __init__(self, arch_kwargs: dict, num_classes: int):
+    def __init__(self, arch_kwargs: dict, num_classes: int, residual: bool = False):
         super().__init__()
         enc_kwargs = {k: v for k, v in arch_kwargs.items() if k != "n_conv_per_stage_decoder"}
         features = _as_list(arch_kwargs["features_per_stage"], arch_kwargs["n_stages"])
         self.time_embed = TimeEmbedding(4 * features[0])
-        self.encoder = UNetEncoder(2 * num_classes, temb_dim=4 * features[0], **enc_kwargs)
+        self.encoder = UNetEncoder(2 * num_classes, temb_dim=4 * features[0], residual=residual, **enc_kwargs)
         self.head = nn.Linear(features[-1], 1)
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, stage: int | None = None):
@@ -67,6 +72,10 @@ class CDAL(DiffusionMethod):
 
     Labels are diffused as 2 x0 - 1 in [-1, 1]; x0_hat = 2 p - 1 with p the softmax (``categorical``, exclusive
     labels) or per-channel sigmoid (``per_channel``, regions) of the generator's logits.
+    ``attention_on`` (``signed``: A_D times 2 x0 - 1; ``label``: 2 (x0 * A_D) - 1, the paper's x0 * A_D on the
+    {0, 1} label), ``discriminator_steps`` (1: one step on the summed real + fake loss; 2: the paper's step on
+    the real pair, then one on the fake pair, :meth:`extra_steps`) and ``residual_blocks`` (residual stages in
+    the generator and the discriminator, the paper's) select the recipe or the paper.
 
     Args:
         arch_kwargs: ``architecture.arch_kwargs`` (generator and discriminator topology). input_channels: M.
@@ -99,14 +108,22 @@ class CDAL(DiffusionMethod):
         self.attention_stage = int(diffusion.get("attention_stage",
                                                  attention_stage(arch_kwargs, diffusion["attn_scale"])))
         self.eta = float(diffusion["eta"])
+        self.attention_on = diffusion["attention_on"]
+        self.discriminator_parts = DISCRIMINATOR_PARTS.get(diffusion["discriminator_steps"])
+        if self.attention_on not in ATTENTION_ON or self.discriminator_parts is None:
+            raise ValueError(f"cDAL plans: attention_on '{self.attention_on}' (known: {', '.join(ATTENTION_ON)}), "
+                             f"discriminator_steps {diffusion['discriminator_steps']} (known: 1, 2)")
+        residual = bool(diffusion["residual_blocks"])
         weights = diffusion["loss_weights"]
         self.w_mse, self.w_dice = float(weights["mse"]), float(weights["dice"])
         features = _as_list(arch_kwargs["features_per_stage"], arch_kwargs["n_stages"])
         embed = 4 * features[0]
         self.mapping = LatentMapping(self.latent_dim, embed) if self.use_latent else None
         self.generator = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch_kwargs,
-                                  time_embedding=True, latent_dim=embed if self.use_latent else None)
-        self.discriminator = Discriminator(arch_kwargs, self.num_classes)
+                                  time_embedding=True, latent_dim=embed if self.use_latent else None,
+                                  residual=residual)
+        self.discriminator = Discriminator(arch_kwargs, self.num_classes, residual)
+        self._fake_input = None  # (x_t, t) of the last "real" step, for the "fake" step (discriminator_steps 2)
 
     # -- plans hooks -----------------------------------------------------------------------------------------------
     @classmethod
@@ -125,6 +142,11 @@ class CDAL(DiffusionMethod):
 
     def extra_optimised(self) -> dict:
         return {"discriminator": self.discriminator}
+
+    def extra_steps(self) -> dict:
+        """name -> the ``part`` of each of its optimizer steps per iteration: ``(None,)`` one step on the whole
+        loss, ``("real", "fake")`` the paper's two updates of D (Sec. 2.2)."""
+        return {"discriminator": self.discriminator_parts}
 
     def step_modules(self) -> list:
         """Only the generator (and the z mapping) run per sampling step; the discriminator never at inference."""
@@ -174,27 +196,41 @@ class CDAL(DiffusionMethod):
         return self.process.q_sample_pair(x0s, t, n1, n2)
 
     def discriminator_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
-                           t: torch.Tensor | None = None) -> dict:
+                           t: torch.Tensor | None = None, part: str | None = None) -> dict:
         """D step (generator frozen): real pair (x_{t-1} ~ q(x_{t-1} | x0), x_t ~ q(x_t | x_{t-1})) labelled 1,
         fake pair (x_hat_{t-1} ~ q(x_{t-1} | x_t, x0_hat), x_t) labelled 0 (Eq. 2), binary cross-entropy.
-        ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}; ``mask`` is not used (D judges whole maps)."""
+        ``image`` ``(B, M, *sp)``, ``x0`` ``(B, N, *sp)`` in {0, 1}; ``mask`` is not used (D judges whole maps).
+        ``part`` None: both terms (one step); ``"real"``: the real term, keeping its (x_t, t) for the ``"fake"``
+        part, which pairs that x_t with x_hat_{t-1} (the paper's two updates of D, Sec. 2.2)."""
+        if part not in (None, "real", "fake"):
+            raise ValueError(f"discriminator_loss part '{part}' (known: None, real, fake)")
         x0s = 2 * x0 - 1
-        t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
-        x_prev, x_t = self._real_pair(x0s, t, generator)
-        with torch.no_grad():
-            x0_hat, _ = self.predict_x0(image, x_t, t, self.draw_z(x0.shape[0], x0.device, generator))
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            fake_prev = self.process.posterior_sample(x0_hat.to(x0.dtype), x_t, t, noise)
-        real = self.discriminator(x_prev, x_t, t).float()
-        fake = self.discriminator(fake_prev, x_t, t).float()
-        d_real, d_fake = F.softplus(-real).mean(), F.softplus(fake).mean()
-        return {"loss": d_real + d_fake, "d_real": d_real.detach(), "d_fake": d_fake.detach()}
+        kept, self._fake_input = self._fake_input, None
+        if part == "fake" and kept is not None and kept[0].shape == x0.shape:
+            x_t, t = kept
+        else:
+            t = self.process.sample_timesteps(x0.shape[0], x0.device, generator) if t is None else t
+            x_prev, x_t = self._real_pair(x0s, t, generator)
+        out = {}
+        if part in (None, "real"):
+            out["d_real"] = F.softplus(-self.discriminator(x_prev, x_t, t).float()).mean()
+            if part == "real":
+                self._fake_input = (x_t.detach(), t)
+        if part in (None, "fake"):
+            with torch.no_grad():
+                x0_hat, _ = self.predict_x0(image, x_t, t, self.draw_z(x0.shape[0], x0.device, generator))
+                noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                fake_prev = self.process.posterior_sample(x0_hat.to(x0.dtype), x_t, t, noise)
+            out["d_fake"] = F.softplus(self.discriminator(fake_prev, x_t, t).float()).mean()
+        return {"loss": sum(out.values()), **{k: v.detach() for k, v in out.items()}}
 
     def training_loss(self, image, x0, mask=None, generator: torch.Generator | None = None,
                       t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
         """Generator step (D frozen), Eq. 4: x0_att = x0 * A_D, x_t_att ~ q(x_t | x0_att) (``noise``), loss
         ||x0 - x_theta(x_t_att, t, z, I)||^2 (masked mean) + optional ``dice`` weight x soft Dice of p.
-        Without ``attention`` x0_att = x0 (the paper's 'w/o Attention' ablation)."""
+        In the diffused space: x0_att = (2 x0 - 1) A_D (``attention_on: signed``) or 2 (x0 A_D) - 1 (``label``,
+        the paper's product on the {0, 1} label). Without ``attention`` x0_att = 2 x0 - 1 (the paper's
+        'w/o Attention' ablation)."""
         x0s = 2 * x0 - 1
         b = x0.shape[0]
         t = self.process.sample_timesteps(b, x0.device, generator) if t is None else t
@@ -202,7 +238,8 @@ class CDAL(DiffusionMethod):
         if self.use_attention:
             x_prev, x_t = self._real_pair(x0s, t, generator)
             with torch.no_grad():
-                x0_att = x0s * self.attention_map(x_prev, x_t, t).to(x0s.dtype)
+                a_d = self.attention_map(x_prev, x_t, t).to(x0s.dtype)
+                x0_att = x0s * a_d if self.attention_on == "signed" else 2 * (x0 * a_d) - 1
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t_att = self.process.q_sample(x0_att, t, noise)

@@ -21,6 +21,8 @@ MULTICLASS_MODES = ("categorical", "per_channel")
 FUSIONS = ("staple", "mean")
 #: how the Diffusion Model's output becomes x0_theta under ``prediction: x0`` (see MedSegDiffV2.network_forward)
 X0_OUTPUTS = ("sigmoid", "linear")
+#: the Anchor Condition: U-SA (true), none (false) or Table 4's plain spatial attention ("sa")
+U_SA_MODES = (True, False, "sa")
 
 
 class GaussianSmoothing(nn.Module):
@@ -55,15 +57,17 @@ class GaussianSmoothing(nn.Module):
 class USA(nn.Module):
     """Uncertain Spatial Attention (Eqs. 4-5): f_anc = max(f_c * k_Gauss, f_c);
     f_d' = sigmoid(f_anc * k_1x1) . f_d + f_d, with f_c the Condition Model's last decoder feature and f_d the
-    Diffusion Model's first encoder feature, both ``(B, F0, *spatial)``; the 1x1 conv maps F0 channels to 1."""
+    Diffusion Model's first encoder feature, both ``(B, F0, *spatial)``; the 1x1 conv maps F0 channels to 1.
+    ``uncertain=False`` is the plain Spatial Attention of Table 4's "SA" row: f_anc = f_c (no learnable Gaussian,
+    no max), f_d' = sigmoid(f_c * k_1x1) . f_d + f_d."""
 
-    def __init__(self, channels: int, dim: int, size):
+    def __init__(self, channels: int, dim: int, size, uncertain: bool = True):
         super().__init__()
-        self.smooth = GaussianSmoothing(channels, size)
+        self.smooth = GaussianSmoothing(channels, size) if uncertain else None
         self.proj = getattr(nn, f"Conv{dim}d")(channels, 1, 1)
 
     def forward(self, f_c: torch.Tensor, f_d: torch.Tensor) -> torch.Tensor:
-        f_anc = torch.maximum(self.smooth(f_c), f_c)
+        f_anc = torch.maximum(self.smooth(f_c), f_c) if self.smooth is not None else f_c
         return torch.sigmoid(self.proj(f_anc.to(f_d.dtype))) * f_d + f_d
 
 
@@ -78,7 +82,9 @@ class MedSegDiffV2(DiffusionMethod):
         diffusion: the plans' ``diffusion`` section (keys in documentation/medsegdiff_v2.md): ``u_sa``,
             ``ss_former``, ``nbp_filter`` switch the parts (the paper's Table 4 ablation); ``anchor_alpha``,
             ``anchor_beta`` (Eq. 3); ``ss_blocks``, ``ss_dim`` (token width, at most the bottleneck's channels),
-            ``nbp_blocks``, ``nbp_width``, ``max_tokens``; ``fusion``
+            ``nbp_blocks``, ``nbp_width``, ``max_tokens`` (null: no pooling); ``u_sa: "sa"`` the plain spatial
+            attention of Table 4; ``diffusion_image`` (the image also enters the Diffusion Model; False: x_t
+            alone, the paper's Fig. 1), ``ss_softmax`` (softmax over keys in the spectral attention); ``fusion``
             (``staple``, the paper, or ``mean``); ``multiclass`` (``categorical``: softmax anchor for exclusive
             labels; ``per_channel``: sigmoids for regions).
     """
@@ -107,16 +113,22 @@ class MedSegDiffV2(DiffusionMethod):
             raise ValueError(f"MedSegDiff-V2 plans: fusion '{self.fusion}' (known: {', '.join(FUSIONS)}), "
                              f"multiclass '{self.multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)}), "
                              f"x0_output '{self.x0_output}' (known: {', '.join(X0_OUTPUTS)})")
+        if diffusion["u_sa"] not in U_SA_MODES:
+            raise ValueError(f"MedSegDiff-V2 plans: u_sa {diffusion['u_sa']!r} (known: true, false, \"sa\")")
+        self.diffusion_image = bool(diffusion["diffusion_image"])
         self.condition = TimeUNet(input_channels, self.num_classes, **arch, time_embedding=False)
-        self.diffusion = TimeUNet(input_channels + self.num_classes, self.num_classes, **arch, time_embedding=True)
+        self.diffusion = TimeUNet(input_channels * self.diffusion_image + self.num_classes, self.num_classes,
+                                  **arch, time_embedding=True)
         dim = conv_op_dim(arch["conv_op"])
         features, kernels = self.diffusion.encoder.features, self.diffusion.encoder.kernel_sizes
-        self.u_sa = USA(features[0], dim, [5 if k > 1 else 1 for k in kernels[0]]) if diffusion["u_sa"] \
-            else None
+        self.u_sa = (USA(features[0], dim, [5 if k > 1 else 1 for k in kernels[0]], diffusion["u_sa"] is True)
+                     if diffusion["u_sa"] else None)
+        max_tokens = diffusion["max_tokens"]
         self.ss_former = (SSFormer(features[-1], dim, self.diffusion.temb_dim, int(diffusion["ss_blocks"]),
-                                   bool(diffusion["nbp_filter"]), int(diffusion["max_tokens"]),
+                                   bool(diffusion["nbp_filter"]), None if max_tokens is None else int(max_tokens),
                                    int(diffusion["nbp_width"]), int(diffusion["nbp_blocks"]),
-                                   min(int(diffusion["ss_dim"] or features[-1]), features[-1]))
+                                   min(int(diffusion["ss_dim"] or features[-1]), features[-1]),
+                                   bool(diffusion["ss_softmax"]))
                           if diffusion["ss_former"] else None)
 
     @property
@@ -143,8 +155,8 @@ class MedSegDiffV2(DiffusionMethod):
         total = m.condition.compute_conv_feature_map_size(patch) + m.diffusion.compute_conv_feature_map_size(patch)
         f0 = m.diffusion.encoder.features[0]
         voxels = int(torch.tensor(patch).prod())
-        if m.u_sa is not None:
-            total += (4 * f0 + 1) * voxels
+        if m.u_sa is not None:  # U-SA: smoothed, max, gate, product, sum; the plain SA: gate, product, sum
+            total += ((4 if m.u_sa.smooth is not None else 2) * f0 + 1) * voxels
         if m.ss_former is not None:
             bottleneck = list(patch)
             for stride in m.diffusion.encoder.strides:
@@ -186,8 +198,8 @@ class MedSegDiffV2(DiffusionMethod):
         if self.ss_former is not None:
             def bottleneck_hook(h, temb):
                 return self.ss_former(h, c, temb)
-        out = self.diffusion(torch.cat([image, x_t.to(image.dtype)], dim=1), t, encoder_hook=encoder_hook,
-                             bottleneck_hook=bottleneck_hook)
+        inputs = torch.cat([image, x_t.to(image.dtype)], dim=1) if self.diffusion_image else x_t.to(image.dtype)
+        out = self.diffusion(inputs, t, encoder_hook=encoder_hook, bottleneck_hook=bottleneck_hook)
         if self.x0_output == "sigmoid" and self.process.prediction == "x0":
             out = 2 * torch.sigmoid(out.float()) - 1
         return out

@@ -4,7 +4,7 @@ Band-Pass Filter (NBP-Filter), dimension-agnostic (the FFTs run over every spati
 Tokens are the bottleneck positions ("patchified" with patch size 1 at the bottleneck, where nnU-Net's topology has
 already reduced a patch to a few voxels per axis); when the grid has more than ``max_tokens`` positions it is
 average-pooled (the largest axis halved until it fits) and the block's output upsampled back, so the N x N affinity
-maps stay affordable in 3D. See documentation/medsegdiff_v2.md.
+maps stay affordable in 3D (``max_tokens`` None: never pooled, the paper). See documentation/medsegdiff_v2.md.
 """
 from __future__ import annotations
 
@@ -64,13 +64,15 @@ class SpectralCrossAttention(nn.Module):
     F(.) is the orthonormal DFT over the grid's axes. M = (F(q) W^q)(F(k) W^k)^H / sqrt(d) ``(B, N, N)``, the
     NBP-Filter multiplies it (M' = M * filter), and M' goes back to space: A = Re(F^H M' F), which is exactly
     (q W^q)(k W^k)^T / sqrt(d) when the filter is 1 (the spectral affinity of a pass-all filter is the spatial one).
-    The values get f = softmax(A) (kv W^v) (the softmax over keys keeps the attention bounded; the paper writes
-    F^-1(M') (c W^v)), then q + W^o f and an MLP with a residual (the paper's "MLP to further refine").
+    The values get f = softmax(A) (kv W^v) (``softmax``, the recipe: the softmax over keys keeps the attention
+    bounded) or the paper's f = A (kv W^v) = F^-1(M') (c W^v) (``softmax=False``), then q + W^o f and an MLP with
+    a residual (the paper's "MLP to further refine"). Tokens ``(B, N, d)`` in, ``(B, N, d)`` out.
     """
 
     def __init__(self, dim: int, spatial_dims: int, temb_dim: int, nbp_filter: bool = True, nbp_width: int = 16,
-                 nbp_blocks: int = 6):
+                 nbp_blocks: int = 6, softmax: bool = True):
         super().__init__()
+        self.softmax = bool(softmax)
         self.wq, self.wk = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
         self.wv, self.wo = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -95,15 +97,16 @@ class SpectralCrossAttention(nn.Module):
 
     def forward(self, q, kv, grid, temb):
         a = self.affinity(self.norm_q(q), self.norm_kv(kv), grid, temb).to(q.dtype)
-        f = torch.softmax(a, dim=-1) @ self.wv(self.norm_kv(kv))
+        f = (torch.softmax(a, dim=-1) if self.softmax else a) @ self.wv(self.norm_kv(kv))
         out = q + self.wo(f)
         return out + self.mlp(self.norm_mlp(out))
 
 
-def token_grid(grid, max_tokens: int) -> list[int]:
-    """The pooled token grid: ``grid`` with its largest axis halved (rounded up) until prod <= ``max_tokens``."""
+def token_grid(grid, max_tokens: int | None) -> list[int]:
+    """The pooled token grid: ``grid`` with its largest axis halved (rounded up) until prod <= ``max_tokens``
+    (None: ``grid`` itself, no pooling)."""
     grid = [int(g) for g in grid]
-    while math.prod(grid) > max_tokens and max(grid) > 1:
+    while max_tokens is not None and math.prod(grid) > max_tokens and max(grid) > 1:
         i = grid.index(max(grid))
         grid[i] = (grid[i] + 1) // 2
     return grid
@@ -116,17 +119,18 @@ class SSFormer(nn.Module):
     c~ = Attn(q=e, kv=c^n) (the noise embedding encoded into the semantic one), c^{n+1} = Attn(q=c~, kv=e) (back to
     the noise domain). The tokens are linearly projected from C to ``dim`` channels first; the result is
     e + W c^N (W: ``dim`` -> C, zero-initialised: training starts from the plain Diffusion Model). Both maps are
-    pooled to at most ``max_tokens`` positions first (:func:`token_grid`) and the update is upsampled back
-    (trilinear / bilinear).
+    pooled to at most ``max_tokens`` positions first (:func:`token_grid`; None: never) and the update is upsampled
+    back (trilinear / bilinear). ``softmax``: see :class:`SpectralCrossAttention`.
     """
 
     def __init__(self, channels: int, spatial_dims: int, temb_dim: int, blocks: int = 4, nbp_filter: bool = True,
-                 max_tokens: int = 64, nbp_width: int = 16, nbp_blocks: int = 6, dim: int | None = None):
+                 max_tokens: int | None = 64, nbp_width: int = 16, nbp_blocks: int = 6, dim: int | None = None,
+                 softmax: bool = True):
         super().__init__()
-        self.max_tokens = int(max_tokens)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         dim = int(dim or channels)
         self.embed_e, self.embed_c = nn.Linear(channels, dim), nn.Linear(channels, dim)  # the linear projection
-        args = (dim, spatial_dims, temb_dim, nbp_filter, nbp_width, nbp_blocks)
+        args = (dim, spatial_dims, temb_dim, nbp_filter, nbp_width, nbp_blocks, softmax)
         self.to_semantic = nn.ModuleList(SpectralCrossAttention(*args) for _ in range(blocks))
         self.to_noise = nn.ModuleList(SpectralCrossAttention(*args) for _ in range(blocks))
         self.out = nn.Linear(dim, channels)
@@ -154,7 +158,7 @@ class SSFormer(nn.Module):
         return e + update
 
     @staticmethod
-    def feature_map_size(channels: int, spatial, blocks: int, nbp_filter: bool, max_tokens: int,
+    def feature_map_size(channels: int, spatial, blocks: int, nbp_filter: bool, max_tokens: int | None,
                          nbp_width: int, nbp_blocks: int, dim: int | None = None) -> int:
         """Activation elements of one sample (planner proxy): per attention module the token maps (normalised q,
         kv, the q/k spectra and projections (complex: 2 each), v, f, output, MLP hidden 2d, residuals ~ 14 N d),

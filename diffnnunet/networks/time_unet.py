@@ -15,7 +15,9 @@ Conditioning hooks (small, optional; methods plug their modules in instead of co
 - ``return_features=True``: also return the last decoder feature ``(B, F0, *spatial)`` before the 1x1 head
   (MedSegDiff-V2's anchor condition);
 - ``latent_dim`` + ``latent (B, latent_dim)``: adaptive normalisation, a per-channel scale and shift of every
-  stage's first conv output projected from a latent embedding (cDAL's z).
+  stage's first conv output projected from a latent embedding (cDAL's z);
+- ``residual=True``: every stage becomes a residual block, its conv stack plus a shortcut of its input (identity,
+  or a strided 1x1 conv where the channels or the resolution change; cDAL's generator and discriminator).
 """
 from __future__ import annotations
 
@@ -64,10 +66,13 @@ class TimeEmbedding(nn.Module):
 
 
 class _Stage(nn.Module):
-    """``n`` convs (the first with ``stride``); an optional projected time embedding is added after the first."""
+    """``n`` convs (the first with ``stride``); an optional projected time embedding is added after the first.
+    With ``residual`` the stage is a residual block: out = convs(x) + shortcut(x), the shortcut the identity when
+    the shape is kept, else a 1x1 conv with the stage's stride (``(B, in_ch, *sp)`` -> ``(B, out_ch, *sp / stride)``).
+    """
 
     def __init__(self, n_convs, conv_op, in_ch, out_ch, kernel, stride, common: dict, temb_dim: int | None,
-                 latent_dim: int | None = None):
+                 latent_dim: int | None = None, residual: bool = False):
         super().__init__()
         self.first = StackedConvBlocks(1, conv_op, in_ch, out_ch, kernel, stride, **common)
         self.rest = (StackedConvBlocks(n_convs - 1, conv_op, out_ch, out_ch, kernel, 1, **common)
@@ -78,9 +83,18 @@ class _Stage(nn.Module):
             nn.init.zeros_(self.latent_proj.weight)
             nn.init.zeros_(self.latent_proj.bias)
         self.stride = list(stride) if isinstance(stride, (list, tuple)) else [stride] * conv_op_dim(conv_op)
-        self.out_ch, self.n_convs = out_ch, n_convs
+        self.out_ch, self.n_convs, self.residual = out_ch, n_convs, bool(residual)
+        projected = in_ch != out_ch or any(s != 1 for s in self.stride)
+        self.shortcut = (conv_op(in_ch, out_ch, 1, self.stride, 0, bias=False) if residual and projected
+                         else None)
 
     def forward(self, x, temb=None, latent=None):
+        h = self._convs(x, temb, latent)
+        if not self.residual:
+            return h
+        return h + (self.shortcut(x) if self.shortcut is not None else x)
+
+    def _convs(self, x, temb=None, latent=None):
         h = self.first(x)
         if self.time_proj is not None:
             h = h + expand_to(self.time_proj(temb), h)
@@ -93,6 +107,7 @@ class _Stage(nn.Module):
         out = [i // s for i, s in zip(input_size, self.stride)]
         # the sum with the embedding is one more map, the latent modulation another
         maps = self.n_convs + (1 if self.time_proj is not None else 0) + (1 if self.latent_proj is not None else 0)
+        maps += int(self.residual) + int(self.shortcut is not None)  # the residual sum, the projected shortcut
         return np.int64(maps) * np.prod([self.out_ch, *out], dtype=np.int64)
 
 
@@ -111,10 +126,12 @@ class UNetEncoder(nn.Module):
     """Encoder half of the plans topology. ``forward(x (B, C_in, *spatial), temb=None, added=None)`` returns the
     list of stage outputs, finest first; ``added[s]`` (same shapes) is summed onto stage ``s`` before it is passed on
     (Diff-UNet Eq. 2: image features fused into the denoiser's encoder); ``hook(s, h) -> h`` then transforms it;
-    ``latent`` ``(B, latent_dim)`` modulates every stage when built with ``latent_dim``."""
+    ``latent`` ``(B, latent_dim)`` modulates every stage when built with ``latent_dim``; ``residual`` makes every
+    stage a residual block (:class:`_Stage`)."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
-                 n_conv_per_stage, temb_dim: int | None = None, latent_dim: int | None = None, **kwargs):
+                 n_conv_per_stage, temb_dim: int | None = None, latent_dim: int | None = None,
+                 residual: bool = False, **kwargs):
         super().__init__()
         conv_op = resolve_arch_kwargs({"conv_op": conv_op})["conv_op"]
         self.features = _as_list(features_per_stage, n_stages)
@@ -125,7 +142,7 @@ class UNetEncoder(nn.Module):
         stages, ch = [], input_channels
         for s in range(n_stages):
             stages.append(_Stage(n_convs[s], conv_op, ch, self.features[s], self.kernel_sizes[s], self.strides[s],
-                                 common, temb_dim, latent_dim))
+                                 common, temb_dim, latent_dim, residual))
             ch = self.features[s]
         self.stages = nn.ModuleList(stages)
         self.conv_op = conv_op
@@ -167,14 +184,15 @@ class TimeUNet(nn.Module):
     Signature-compatible with nnU-Net's ``PlainConvUNet`` so ``get_network_from_plans`` can build it; ``t=None``
     skips the time embedding (used when the same class serves as a plain segmentation network). The optional
     hooks of the module docstring (``encoder_hook``, ``bottleneck_hook``, ``return_features``, ``latent``) are
-    how methods condition it; with none given it is the plain time-conditioned U-Net.
+    how methods condition it; with none given it is the plain time-conditioned U-Net. ``residual=True`` makes every
+    encoder and decoder stage a residual block (off: nnU-Net's plain stages).
     """
 
     def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage, conv_op,
                  kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias: bool = True,
                  norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
                  nonlin_kwargs=None, deep_supervision: bool = False, time_embedding: bool = True,
-                 latent_dim: int | None = None):
+                 latent_dim: int | None = None, residual: bool = False):
         super().__init__()
         common_in = {"conv_bias": conv_bias, "norm_op": norm_op, "norm_op_kwargs": norm_op_kwargs,
                      "dropout_op": dropout_op, "dropout_op_kwargs": dropout_op_kwargs, "nonlin": nonlin,
@@ -183,7 +201,8 @@ class TimeUNet(nn.Module):
         self.temb_dim = 4 * features[0] if time_embedding else None
         self.time_embed = TimeEmbedding(self.temb_dim) if time_embedding else None
         self.encoder = UNetEncoder(input_channels, n_stages, features, conv_op, kernel_sizes, strides,
-                                   n_conv_per_stage, temb_dim=self.temb_dim, latent_dim=latent_dim, **common_in)
+                                   n_conv_per_stage, temb_dim=self.temb_dim, latent_dim=latent_dim,
+                                   residual=residual, **common_in)
         conv_op = self.encoder.conv_op
         transp = get_matching_convtransp(conv_op)
         common = _common_kwargs(resolve_arch_kwargs(common_in))
@@ -193,7 +212,7 @@ class TimeUNet(nn.Module):
             stride = self.encoder.strides[s + 1]
             ups.append(transp(features[s + 1], features[s], stride, stride, bias=conv_bias))
             stages.append(_Stage(n_dec[s], conv_op, 2 * features[s], features[s], self.encoder.kernel_sizes[s], 1,
-                                 common, self.temb_dim, latent_dim))
+                                 common, self.temb_dim, latent_dim, residual))
         self.ups, self.dec_stages = nn.ModuleList(ups), nn.ModuleList(stages)
         self.head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)
         self.num_classes = num_classes

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.amp import GradScaler
 
-from diffnnunet.trainers.checkpointing import extra_checkpoint_entries
+from diffnnunet.trainers.checkpointing import CheckpointState
 from diffnnunet.trainers.lr_schedule import WarmupCosineLR
 
 #: the gradient-norm clip of every optimizer (nnU-Net's value)
@@ -42,9 +42,10 @@ def optimizer_settings(block: dict, name: str | None = None) -> dict:
     return {**shared, **block.get(name, {})} if name else shared
 
 
-class MultiOptimizerMixin:
-    """Put between :class:`SafeCheckpointMixin` and nnU-Net's trainer in a DiffusionTrainer's bases (module docstring).
-    Uses the trainer's ``method``, ``diffusion``, ``initial_lr``, ``weight_decay``, ``warmup_fraction``."""
+class MultiOptimizerMixin(CheckpointState):
+    """Before nnU-Net's trainer in a DiffusionTrainer's bases (module docstring). Needs the trainer's ``diffusion``
+    (its ``optimizer`` block), ``initial_lr``, ``weight_decay``, ``warmup_fraction`` and a ``network`` whose
+    (unwrapped) module may define ``extra_optimised`` and the ``"<name>_loss"`` forward modes."""
 
     @property
     def extra_optimizers(self) -> dict:
@@ -102,18 +103,25 @@ class MultiOptimizerMixin:
             optimizer.step()
 
     def step_extra_optimizers(self, data: torch.Tensor, x0: torch.Tensor, mask) -> dict:
-        """One step of every extra network (before the main step, the other networks frozen by the method's loss):
-        ``network(data, x0, mask, mode="<name>_loss")``. Returns its detached terms, ``loss`` renamed
-        ``<name>_loss``."""
+        """The steps of every extra network (before the main step, the other networks frozen by the method's
+        loss): one per part of the method's ``extra_steps`` (default one, e.g. cDAL's paper recipe two: its real
+        and its fake pair), each ``network(data, x0, mask, mode="<name>_loss"[, part=part])``. Returns the
+        detached terms, ``loss`` renamed ``<name>_loss`` and summed over the steps."""
         terms = {}
         groups = self.extra_parameter_groups() if self.extra_optimizers else {}
+        net = getattr(self.network, "module", self.network)
+        parts = getattr(getattr(net, "_orig_mod", net), "extra_steps", dict)()
         for name, optimizer in self.extra_optimizers.items():
-            optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                out = self.network(data, x0, mask, mode=f"{name}_loss")
-            self.optimizer_step(out["loss"], optimizer, self.extra_grad_scalers[name], groups[name])
-            optimizer.zero_grad(set_to_none=True)
-            terms.update({(f"{name}_loss" if k == "loss" else k): v.detach() for k, v in out.items()})
+            for part in parts.get(name, (None,)):
+                optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    kwargs = {} if part is None else {"part": part}
+                    out = self.network(data, x0, mask, mode=f"{name}_loss", **kwargs)
+                self.optimizer_step(out["loss"], optimizer, self.extra_grad_scalers[name], groups[name])
+                optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    key = f"{name}_loss" if k == "loss" else k
+                    terms[key] = terms[key] + v.detach() if key in terms else v.detach()
         return terms
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -123,15 +131,16 @@ class MultiOptimizerMixin:
                                              if self.extra_grad_scalers[name] is not None else None)}
                 for name, opt in self.extra_optimizers.items()}
 
-    def save_checkpoint(self, filename: str) -> None:
+    def checkpoint_dict(self) -> dict:
         """nnU-Net's checkpoint plus ``extra_optimizers`` (name -> optimizer and grad scaler states)."""
-        if not self.extra_optimizers:
-            return super().save_checkpoint(filename)
-        with extra_checkpoint_entries({"extra_optimizers": self.extra_optimizer_states()}):
-            return super().save_checkpoint(filename)
+        checkpoint = super().checkpoint_dict()
+        if self.extra_optimizers:
+            checkpoint["extra_optimizers"] = self.extra_optimizer_states()
+        return checkpoint
 
-    def load_extra_optimizer_states(self, checkpoint: dict) -> None:
-        """Restore every extra optimizer (and grad scaler) from a checkpoint written by :meth:`save_checkpoint`."""
+    def restore_checkpoint(self, checkpoint: dict) -> None:
+        """Restore every extra optimizer (and grad scaler) from a checkpoint written by :meth:`checkpoint_dict`."""
+        super().restore_checkpoint(checkpoint)
         saved = checkpoint.get("extra_optimizers", {})
         for name, optimizer in self.extra_optimizers.items():
             if name not in saved:
