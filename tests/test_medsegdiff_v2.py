@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from diffnnunet.config import DEFAULT_DIFFUSION
-from diffnnunet.methods import METHODS, MedSegDiffV2, encode_target
+from diffnnunet.methods import MedSegDiffV2, encode_target
 from diffnnunet.methods.medsegdiff_v2 import USA
 from diffnnunet.methods.staple import staple, staple_fuse
 from diffnnunet.networks import TimeEmbedding
 from diffnnunet.networks.ss_former import NBPFilter, SpectralCrossAttention, SSFormer, token_grid
-from diffnnunet.trainers import TRAINERS, default_plans_for
+from diffnnunet.trainers import default_plans_for
 from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
 
@@ -31,9 +31,22 @@ def _onehot(spatial, classes=3, batch=2, seed=0):
     return encode_target(labels.float(), classes, has_regions=False, ignore_label=None)[0]
 
 
-def test_registration():
-    assert METHODS["medsegdiff_v2"] is MedSegDiffV2
-    assert default_plans_for(TRAINERS["MedSegDiffV2Trainer"]) == "MedSegDiffV2Plans"
+def test_trainer_plans_build_a_working_medsegdiff_v2(arch, spatial):
+    """MedSegDiffV2Trainer's default plans are the plans file of the method it trains; a configuration whose
+    diffusion section names that method builds, through the one builder training and inference share, a
+    MedSegDiffV2 that samples M = 2 image channels into N = 3 label channels."""
+    from types import SimpleNamespace
+
+    from diffnnunet.methods import build_method
+    from diffnnunet.trainers import get_trainer_class
+    trainer = get_trainer_class("MedSegDiffV2Trainer")
+    plans = SimpleNamespace(plans_name=default_plans_for(trainer))
+    config = SimpleNamespace(configuration={"diffusion": {"method": trainer.method_name, "timesteps": 10}},
+                             network_arch_init_kwargs=arch)
+    net = build_method(plans, config, 2, 3).eval()
+    assert isinstance(net, MedSegDiffV2) and net.plans_name == plans.plans_name
+    probs = net.sample(torch.randn(1, 2, *spatial), 1, 1, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (1, 3, *spatial)
 
 
 # -- U-SA ------------------------------------------------------------------------------------------------------------
@@ -354,6 +367,10 @@ def test_paper_switches_change_the_structure(arch, spatial):
                                    paper(torch.zeros(1, 2, *spatial), x_t, t, cond))
     with pytest.raises(ValueError, match="u_sa"):
         _model(arch, u_sa="usa")
+    # the planner's memory proxy counts the network the plans build: 64 unpooled tokens, not 4 pooled ones
+    pooled = MedSegDiffV2.feature_map_size(arch, 2, 3, (4, 32, 32)[-len(spatial):], {**small, "max_tokens": 4})
+    assert MedSegDiffV2.feature_map_size(arch, 2, 3, (4, 32, 32)[-len(spatial):], {**small, "max_tokens": None}) \
+        > pooled
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])

@@ -2,6 +2,7 @@
 per-configuration ``diffusion`` section. See documentation/planner.md."""
 from __future__ import annotations
 
+import inspect
 from copy import deepcopy
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -34,9 +35,12 @@ class DiffusionPlanner(ExperimentPlanner):
 
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
                                    arch_kwargs, arch_kwargs_req_import):
-        """Feature-map elements of the whole method network for one sample (replaces the plain U-Net count)."""
-        return METHODS[self.method].feature_map_size(resolve_arch_kwargs(arch_kwargs), input_channels,
-                                                     output_channels, tuple(patch_size))
+        """Feature-map elements of the whole method network for one sample (replaces the plain U-Net count), of
+        the network the recipe's settings build where the method's proxy takes them (MedSegDiff-V2: the paper's
+        unpooled tokens and full token width count under ``recipe="paper"``)."""
+        proxy = METHODS[self.method].feature_map_size
+        extra = {"diffusion": self.recipe_section()} if "diffusion" in inspect.signature(proxy).parameters else {}
+        return proxy(resolve_arch_kwargs(arch_kwargs), input_channels, output_channels, tuple(patch_size), **extra)
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache) -> dict:
@@ -51,16 +55,21 @@ class DiffusionPlanner(ExperimentPlanner):
         sampling chains of one window run together (``samples_per_forward``) within the memory budget, and
         whatever the method's ``configure_plans`` hook derives from the configuration; the training recipe
         (``recipe``, ``optimizer``, ``ema``) is the configured default or the paper's (``recipe="paper"``)."""
-        settings = deepcopy(DEFAULT_DIFFUSION[self.method])
-        settings.update(training_recipe(settings, self.recipe))
-        settings.pop("paper_recipe", None)
-        settings.pop("default_recipe", None)
+        settings = self.recipe_section()
         if settings.get("multiclass") == "auto":  # the dataset says whether its labels are exclusive or regions
             labels = LabelManager(self.dataset_json["labels"], self.dataset_json.get("regions_class_order"))
             settings["multiclass"] = "per_channel" if labels.has_regions else "categorical"
         settings["inference_batch"] = int(plan["batch_size"] * INFERENCE_SAMPLES_PER_TRAINING_SAMPLE)
         settings["samples_per_forward"] = int(max(1, min(settings["samples_per_step"], settings["inference_batch"])))
         return METHODS[self.method].configure_plans(settings, deepcopy(plan))
+
+    def recipe_section(self) -> dict:
+        """The method's defaults with the chosen training recipe written over them (a fresh copy)."""
+        settings = deepcopy(DEFAULT_DIFFUSION[self.method])
+        settings.update(training_recipe(settings, self.recipe))
+        settings.pop("paper_recipe", None)
+        settings.pop("default_recipe", None)
+        return settings
 
     def generate_data_identifier(self, configuration_name: str) -> str:
         """2d and 3d_fullres use nnU-Net's spacing unchanged, so they reuse nnUNetPlans' preprocessed data."""
