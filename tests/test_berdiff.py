@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from diffnnunet.cli import predict, train
 from diffnnunet.config import DEFAULT_DIFFUSION
-from diffnnunet.methods import METHODS, BerDiff
+from diffnnunet.methods import BerDiff
 from diffnnunet.networks import resolve_arch_kwargs
 from diffnnunet.processes import BernoulliProcess
-from diffnnunet.trainers import TRAINERS, default_plans_for
+from diffnnunet.trainers import default_plans_for
 from diffnnunet.utils import expand_to
 from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
 
@@ -29,12 +29,23 @@ def _labels(classes, spatial, batch=2, seed=0):
     return F.one_hot(torch.randint(0, classes, (batch, *spatial), generator=g), classes).movedim(-1, 1).float()
 
 
-def test_registration_and_defaults():
-    assert METHODS["berdiff"] is BerDiff and BerDiff.plans_name == "BerDiffPlans"
-    assert default_plans_for(TRAINERS["BerDiffTrainer"]) == "BerDiffPlans"
-    d = DEFAULT_DIFFUSION["berdiff"]
-    assert (d["timesteps"], d["schedule"], d["bce_weight"]) == (1000, "linear", 1.0)
-    assert d["paper_recipe"]["optimizer"]["initial_lr"] == 1e-4  # BRATS: AdamW 1e-4 (recipe "paper")
+def test_trainer_plans_build_a_working_berdiff(arch, spatial):
+    """BerDiffTrainer's default plans are the plans file of the method it trains; a configuration whose diffusion
+    section names that method builds, through the one builder training and inference share, a BerDiff with the
+    paper's linear schedule (betas 1e-4 .. 0.02) that samples M = 2 image channels into N = 3 label channels."""
+    from types import SimpleNamespace
+
+    from diffnnunet.methods import build_method
+    from diffnnunet.trainers import get_trainer_class
+    trainer = get_trainer_class("BerDiffTrainer")
+    plans = SimpleNamespace(plans_name=default_plans_for(trainer))
+    config = SimpleNamespace(configuration={"diffusion": {"method": trainer.method_name}},
+                             network_arch_init_kwargs=arch)
+    net = build_method(plans, config, 2, 3).eval()
+    assert isinstance(net, BerDiff) and net.plans_name == plans.plans_name
+    torch.testing.assert_close(net.process.betas[[0, -1]], torch.tensor([1e-4, 0.02]))
+    probs = net.sample(torch.randn(1, 2, *spatial), 1, 1, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (1, 3, *spatial)
 
 
 def test_loss_terms_shapes_and_gradients(arch, spatial):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffnnunet.processes import PROCESSES, BernoulliProcess, CategoricalProcess
+from diffnnunet.processes import BernoulliProcess, CategoricalProcess
 
 
 def _small(categories=None):
@@ -20,8 +20,7 @@ def _bern(p, y):
     return p * y + (1 - p) * (1 - y)
 
 
-def test_registered_and_schedules():
-    assert PROCESSES["bernoulli"] is BernoulliProcess and PROCESSES["categorical"] is CategoricalProcess
+def test_schedules():
     p = BernoulliProcess()
     assert p.timesteps == 1000
     torch.testing.assert_close(p.betas[[0, -1]], torch.tensor([1e-4, 0.02]))  # the paper's linear schedule

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffnnunet.config import DEFAULT_DIFFUSION
-from diffnnunet.methods import CDAL, METHODS, encode_target
+from diffnnunet.methods import CDAL, encode_target
 from diffnnunet.methods.cdal import attention_stage
 from diffnnunet.processes import GaussianProcess, make_beta_schedule
 from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
@@ -204,10 +203,7 @@ def test_sampler_seeded_regression():
 REGRESSION = [0.3778, 0.3297, 0.0079]
 
 
-def test_plans_defaults_and_attention_stage():
-    d = DEFAULT_DIFFUSION["cdal"]
-    assert d["timesteps"] <= 4 and d["schedule"] == "vp" and d["prediction"] == "x0" and d["samples_per_step"] == 5
-    assert METHODS["cdal"] is CDAL and CDAL.plans_name == "cDALPlans"
+def test_attention_stage():
     arch = {"n_stages": 5, "strides": [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]}
     assert attention_stage(arch, 8) == 3 and attention_stage(arch, 16) == 4 and attention_stage(arch, 1) == 0
     aniso = {"n_stages": 4, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffnnunet.config import DEFAULT_DIFFUSION
-from diffnnunet.methods import METHODS, LDSeg, encode_target
+from diffnnunet.methods import LDSeg, encode_target
 from diffnnunet.methods.ldseg import ce_loss, latent_mask
 from diffnnunet.networks.latent import LatentStandardize, latent_layout, total_stride
 from tests.conftest import ARCH_2D as ARCH_2D_TINY
@@ -68,24 +68,23 @@ def test_configure_plans_stores_the_layout():
     assert total_stride(recipe["latent_strides"]) == [2, 16, 16] and recipe["latent_size"] == [16, 16, 16]
     m = LDSeg(NNUNET_3D_ANISO, 1, 2, settings)
     assert m.latent_strides == settings["latent_strides"]
-    assert METHODS["ldseg"] is LDSeg and LDSeg.plans_name == "LDSegPlans" and LDSeg.probabilities == "categorical"
 
 
 def test_defaults_follow_the_paper_plus_the_recipe():
     d = DEFAULT_DIFFUSION["ldseg"]
-    assert (d["schedule"], d["timesteps"], d["sampling_steps"]) == ("cosine", 1000, 2)
-    assert d["loss_weights"]["dice"] == 2.0 and d["loss_weights"]["mse"] == 1.0
-    # the recipe's departures (documentation/ldseg.md); a module built without them is the paper's
-    # joint training as in the paper (the stop-gradient and auto-encoder levers stay plans keys, off)
-    assert (d["prediction"], d["latent_stop_gradient"], d["loss_weights"]["autoencoder"]) == ("x0", False, 0.0)
-    assert d["image_skips"] is True and d["paper_recipe"]["image_skips"] is False
-    assert d["image_attention"] is False and d["paper_recipe"]["image_attention"] is True
     paper = _model(ARCH_2D_TINY, (16, 16))
     assert (paper.process.prediction, paper.latent_stop_gradient, paper.w_ae) == ("eps", False, 0.0)
     assert not paper.image_skips and not paper.label_decoder.image_skips
     assert isinstance(paper.label_encoder.standardize, LatentStandardize)
-    recipe_paper = {**d, **d["paper_recipe"]}  # what recipe "paper" writes
     plan = {"patch_size": [80, 80], "architecture": {"arch_kwargs": NNUNET_2D}}
+    # the recipe's departures (documentation/ldseg.md), as the module built from the defaults has them: x0
+    # prediction, image skips into the label decoder, no self-attention in the image encoder; joint training as in
+    # the paper (the stop-gradient and auto-encoder levers stay plans keys, off)
+    recipe = LDSeg(NNUNET_2D, 1, 3, LDSeg.configure_plans(dict(d), plan))
+    assert (recipe.process.prediction, recipe.latent_stop_gradient, recipe.w_ae) == ("x0", False, 0.0)
+    assert recipe.image_skips and recipe.label_decoder.image_skips
+    assert not any(isinstance(x, torch.nn.MultiheadAttention) for x in recipe.image_encoder.modules())
+    recipe_paper = {**d, **d["paper_recipe"]}  # what recipe "paper" writes
     m = LDSeg(NNUNET_2D, 1, 3, LDSeg.configure_plans(recipe_paper, plan))
     assert (m.process.prediction, m.latent_stop_gradient, m.w_ae, total_stride(m.latent_strides)) == (
         "eps", False, 0.0, [16, 16])
