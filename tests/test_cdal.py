@@ -403,3 +403,6 @@ def test_paper_residual_blocks_in_generator_and_discriminator(arch, spatial, dim
         h = enc.stages[0](x)
         torch.testing.assert_close(enc.stages[1](h), enc.stages[1]._convs(h) + h)
     assert sum(p.numel() for p in m.parameters()) > sum(p.numel() for p in plain.parameters())
+    # the planner's memory proxy counts the residual sums and projections of the network the plans build
+    assert CDAL.feature_map_size(arch, 2, 3, spatial, {"residual_blocks": True}) > CDAL.feature_map_size(
+        arch, 2, 3, spatial)

@@ -133,10 +133,14 @@ class CDAL(DiffusionMethod):
         return settings
 
     @staticmethod
-    def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size) -> int:
-        """VRAM proxy: the generator (N extra input channels, time sums, latent modulation) plus the discriminator
-        encoder (both are in memory in training; only the generator runs at inference)."""
-        m = CDAL(arch_kwargs, input_channels, num_classes, {"timesteps": 2})
+    def feature_map_size(arch_kwargs: dict, input_channels: int, num_classes: int, patch_size,
+                         diffusion: dict | None = None) -> int:
+        """VRAM proxy: the generator (N extra input channels, time sums, latent modulation, residual sums) plus the
+        discriminator encoder (both are in memory in training; only the generator runs at inference), built from
+        ``diffusion`` (the planner's recipe section; the defaults without)."""
+        settings = {**(diffusion or {}), "method": "cdal", "timesteps": 2}
+        settings.pop("attention_stage", None)
+        m = CDAL(arch_kwargs, input_channels, num_classes, settings)
         return int(m.generator.compute_conv_feature_map_size(patch_size)
                    + m.discriminator.encoder.feature_map_size(patch_size))
 
