@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from diffnnunet.cli import apply_postprocessing, ensemble, find_best, predict, train
-from diffnnunet.evaluation.ensembling import pooled_uncertainty
+from diffnnunet.inference.ensembling import pooled_uncertainty
 from tests.helpers import dataset_names, image_geometry, synthetic_cli_env
 
 IDS = {2: 851}

@@ -31,7 +31,7 @@ def main(argv=None):
     from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, subfiles
     from nnunetv2.postprocessing import remove_connected_components as module
 
-    from diffnnunet.evaluation.ensembling import (
+    from diffnnunet.inference.ensembling import (
         SerialMultiprocessing,
         case_files,
         uncertainty_file,

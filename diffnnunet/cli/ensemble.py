@@ -1,6 +1,6 @@
 """diffnnunet_ensemble: nnU-Net's ensemble of prediction folders (the mean of the members' probabilities) that keeps
 the uncertainty: one pooled CASE_uncertainty map per case, the members' maps plus their disagreement (the formula in
-diffnnunet/evaluation/ensembling.py and documentation/which_method.md)."""
+diffnnunet/inference/ensembling.py and documentation/which_method.md)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry("diffnnunet_ensemble")
 def main(argv=None):
-    from diffnnunet.evaluation.ensembling import ensemble_prediction_folders
+    from diffnnunet.inference.ensembling import ensemble_prediction_folders
 
     args = build_parser().parse_args(argv)
     if os.path.abspath(args.o) in {os.path.abspath(f) for f in args.i}:

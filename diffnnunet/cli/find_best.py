@@ -44,11 +44,12 @@ def compare(args, dataset_name: str) -> dict:
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.file_path_utilities import get_ensemble_name
 
-    from diffnnunet.evaluation import find_best as fb
     from diffnnunet.evaluation.find_best_report import choose, pareto_front, row_from_summary
+    from diffnnunet.inference import find_best as fb
 
     results_dir = os.path.join(require_env("nnUNet_results"), dataset_name)
-    models = fb.select_models(results_dir, args.tr, args.c, args.p)
+    from diffnnunet.trainers import TRAINERS
+    models = fb.select_models(results_dir, args.tr, args.c, args.p, registered=set(TRAINERS))
     if not models:
         raise UserError(f"{results_dir}: no trained model to compare (train with: diffnnunet_train {args.d} "
                         "TRAINER FOLD --npz)")
@@ -110,8 +111,8 @@ def compare(args, dataset_name: str) -> dict:
 
 @cli_entry("diffnnunet_find_best_configuration")
 def main(argv=None):
-    from diffnnunet.evaluation.find_best import MissingResults
     from diffnnunet.evaluation.find_best_report import markdown_table, write_report
+    from diffnnunet.inference.find_best import MissingResults
 
     args = build_parser().parse_args(argv)
     if args.timing_cases < 1:

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from diffnnunet.evaluation.ensembling import (
+from diffnnunet.inference.ensembling import (
     SerialMultiprocessing,
     merge_case,
     uncertainty_file,
@@ -45,10 +45,10 @@ def train_command(dataset: str, model: Model, fold, validation_only: bool) -> st
             + (" --val --npz" if validation_only else " --npz"))
 
 
-def select_models(results_dir: str, trainers=None, configurations=None, plans=None) -> list:
+def select_models(results_dir: str, trainers=None, configurations=None, plans=None, registered=None) -> list:
     """The trained models ``TRAINER__PLANS__CONFIG`` in ``results_dir`` (nnUNet_results/DatasetXXX), filtered by
-    the given trainers (None: every registered one), configurations and plans (None: any). A requested trainer
-    without any model folder raises :class:`MissingResults`."""
+    the given trainers (None: every one in ``registered``, the trainer registry's names, when given), configurations
+    and plans (None: any). A requested trainer without any model folder raises :class:`MissingResults`."""
     found = []
     if os.path.isdir(results_dir):
         for name in sorted(os.listdir(results_dir)):
@@ -56,8 +56,8 @@ def select_models(results_dir: str, trainers=None, configurations=None, plans=No
             if len(parts) != 3 or not os.path.isdir(os.path.join(results_dir, name)):
                 continue
             tr, pl, c = parts
-            if ((trainers and tr not in trainers) or (configurations and c not in configurations)
-                    or (plans and pl not in plans)):
+            if ((trainers and tr not in trainers) or (not trainers and registered is not None and tr not in registered)
+                    or (configurations and c not in configurations) or (plans and pl not in plans)):
                 continue
             found.append(Model(tr, pl, c, os.path.join(results_dir, name)))
     for tr in trainers or []:
@@ -65,16 +65,8 @@ def select_models(results_dir: str, trainers=None, configurations=None, plans=No
             raise MissingResults(f"no trained {tr} model in {results_dir}"
                                  + (f" for configuration(s) {' '.join(configurations)}" if configurations else "")
                                  + f" (train it with: diffnnunet_train DATASET {tr} FOLD --npz)")
-    if not trainers:  # by default the registered trainers, which diffnnunet_predict can load
-        registered = _registered()
-        found = [m for m in found if m.trainer in registered]
     order = {t: i for i, t in enumerate(trainers or [])}
     return sorted(found, key=lambda m: (order.get(m.trainer, len(order)), m.trainer, m.configuration, m.plans))
-
-
-def _registered() -> set:
-    from diffnnunet.trainers import TRAINERS
-    return set(TRAINERS)
 
 
 def validation_cases(model: Model, folds, dataset: str, file_ending: str) -> dict:
@@ -165,7 +157,7 @@ def accumulate(model: Model, folds, cases: dict, file_ending: str, num_processes
 
 def ensemble(models: list, folds, shared: set, output_folder: str, reference: str, num_processes: int) -> str:
     """nnU-Net's ``ensemble_crossvalidations`` of ``models`` on the ``shared`` validation cases, each case merged
-    by :func:`~diffnnunet.evaluation.ensembling.merge_case` (probabilities, pooled uncertainty map, ``.npz``), then
+    by :func:`~diffnnunet.inference.ensembling.merge_case` (probabilities, pooled uncertainty map, ``.npz``), then
     evaluated with our metrics into ``output_folder/summary.json``."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, subfiles
     from nnunetv2.ensembling import ensemble as module
@@ -215,7 +207,7 @@ def budget(model: Model) -> dict:
     plans lack them), ``tuned`` (sampling.json's, None without one); stock models: both None."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    from diffnnunet.inference.tuning import load_tuned_sampling
+    from diffnnunet.inference.calibration import load_tuned_sampling
 
     section = load_json(os.path.join(model.folder, "plans.json"))["configurations"][model.configuration].get(
         "diffusion")

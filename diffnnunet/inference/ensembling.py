@@ -28,7 +28,7 @@ from diffnnunet.utils import partial_path
 def jensen_shannon(probabilities: list, has_regions: bool) -> np.ndarray:
     """The members' disagreement H(p_mean) - mean_m H(p_m) >= 0, float32 ``(*spatial)``, from M arrays
     ``(C, *spatial)`` of class probabilities (regions: per-region probabilities)."""
-    from diffnnunet.inference.export import normalized_entropy
+    from diffnnunet.evaluation.uncertainty import normalized_entropy
     mean = np.mean([np.asarray(p, np.float64) for p in probabilities], axis=0)
     within = np.mean([normalized_entropy(np.asarray(p), has_regions).astype(np.float64) for p in probabilities],
                      axis=0)
@@ -38,7 +38,7 @@ def jensen_shannon(probabilities: list, has_regions: bool) -> np.ndarray:
 def pooled_uncertainty(probabilities: list, maps: list | None, has_regions: bool) -> np.ndarray:
     """The ensemble's map U (module docstring), float32 ``(*spatial)`` in [0, 1]. ``probabilities``: M arrays
     ``(C, *spatial)``; ``maps``: M arrays ``(*spatial)`` (the members' own maps) or None (each member's H(p_m))."""
-    from diffnnunet.inference.export import normalized_entropy
+    from diffnnunet.evaluation.uncertainty import normalized_entropy
     if maps is None:
         maps = [normalized_entropy(np.asarray(p), has_regions) for p in probabilities]
     within = np.mean([np.asarray(u, np.float64) for u in maps], axis=0)
@@ -47,7 +47,7 @@ def pooled_uncertainty(probabilities: list, maps: list | None, has_regions: bool
 
 def uncertainty_file(truncated: str, file_ending: str) -> str:
     """``CASE_uncertainty<ending>`` beside ``CASE<ending>`` (``truncated`` = the path without the ending)."""
-    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
+    from diffnnunet.config import UNCERTAINTY_SUFFIX
     return truncated + UNCERTAINTY_SUFFIX + file_ending
 
 
@@ -130,7 +130,7 @@ class SerialMultiprocessing:
 
 def case_files(folder: str, suffix: str) -> list:
     """Visible files of ``folder`` ending with ``suffix``, without the uncertainty maps, sorted."""
-    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
+    from diffnnunet.config import UNCERTAINTY_SUFFIX
     return sorted(f for f in os.listdir(folder) if f.endswith(suffix) and not f.startswith(".")
                   and not f.endswith(UNCERTAINTY_SUFFIX + suffix))
 
@@ -138,7 +138,7 @@ def case_files(folder: str, suffix: str) -> list:
 def without_uncertainty_maps(subfiles):
     """Wrap batchgenerators' ``subfiles`` so that a listing by the segmentation's ending leaves the
     ``CASE_uncertainty`` maps out (nnU-Net's postprocessing would read them as segmentations)."""
-    from diffnnunet.inference.export import UNCERTAINTY_SUFFIX
+    from diffnnunet.config import UNCERTAINTY_SUFFIX
 
     def listing(folder, join=True, prefix=None, suffix=None, sort=True):
         files = subfiles(folder, join=join, prefix=prefix, suffix=suffix, sort=sort)
