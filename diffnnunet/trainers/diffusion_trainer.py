@@ -15,22 +15,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from diffnnunet.methods import METHODS, encode_target
-from diffnnunet.networks import resolve_arch_kwargs
-from diffnnunet.planners.diffusion_planner import DEFAULT_RECIPE
+from diffnnunet.config import SAMPLING_FILE, resolve_diffusion
+from diffnnunet.methods import METHODS, build_method, diffusion_section, encode_target
 from diffnnunet.trainers.checkpointing import SafeCheckpointMixin
 from diffnnunet.trainers.distributed import DistributedMixin
 from diffnnunet.trainers.ema import EMAMixin
 from diffnnunet.trainers.optimizers import MultiOptimizerMixin, optimizer_settings
-from diffnnunet.utils import load_checkpoint_safely, swapped
-
-
-def diffusion_section(configuration_manager, plans_name: str = "") -> dict:
-    section = configuration_manager.configuration.get("diffusion")
-    if section is None:
-        raise RuntimeError(f"plans '{plans_name}' have no 'diffusion' section in this configuration: "
-                           "plan the dataset with diffnnunet_plan_and_preprocess (one plans file per method)")
-    return section
+from diffnnunet.utils import swapped
 
 
 class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, DistributedMixin, nnUNetTrainer):
@@ -46,12 +37,14 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.diffusion = diffusion_section(self.configuration_manager, self.plans_manager.plans_name)
+        #: the plans' diffusion section with every missing key resolved (diffnnunet.config), as the method reads it
+        self.diffusion = resolve_diffusion(diffusion_section(self.configuration_manager,
+                                                             self.plans_manager.plans_name))
         if self.method_name is not None and self.diffusion["method"] != self.method_name:
             raise RuntimeError(f"{self.__class__.__name__} trains '{self.method_name}' but the plans' diffusion "
                                f"section says '{self.diffusion['method']}' (use plans "
                                f"{METHODS[self.method_name].plans_name})")
-        optim = {**DEFAULT_RECIPE["optimizer"], **self.diffusion.get("optimizer", {})}
+        optim = self.diffusion["optimizer"]
         if optim["name"] != "AdamW":
             raise RuntimeError(f"plans optimizer '{optim['name']}' is not supported (AdamW)")
         self.initial_lr = optim["initial_lr"]
@@ -65,14 +58,12 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
         """The method module (networks + noise process) from the plans; inference reuses this exact function."""
-        diffusion = diffusion_section(configuration_manager, plans_manager.plans_name)
-        arch = resolve_arch_kwargs(configuration_manager.network_arch_init_kwargs)
-        return METHODS[diffusion["method"]](arch, num_input_channels, num_output_channels, diffusion)
+        return build_method(plans_manager, configuration_manager, num_input_channels, num_output_channels)
 
     @property
     def method(self):
-        net = self.network.module if self.is_ddp else self.network
-        return getattr(net, "_orig_mod", net)
+        """The method module being trained (the network without its DDP / compile wrappers)."""
+        return self.trained_module
 
     def _do_i_compile(self):
         return False  # training_loss/sample are not forward(); compiling forward alone gains nothing here
@@ -86,14 +77,13 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
     def configure_optimizers(self):
         """AdamW (fused where supported) with a warm-up cosine schedule over every parameter but those of the
         method's extra networks, which get their own (:class:`MultiOptimizerMixin`)."""
-        return self.build_optimizer(self.main_parameters(), optimizer_settings(self.diffusion.get("optimizer", {})))
+        return self.build_optimizer(self.main_parameters(), optimizer_settings(self.diffusion["optimizer"]))
 
     def on_train_start(self):
         """A new training (not ``--continue``) makes the model folder's tuned sampling.json stale: it was chosen
         for other weights, so it is removed (the default tuning after this run, or diffnnunet_tune_sampling,
         writes a new one)."""
         super().on_train_start()
-        from diffnnunet.inference.tuning import SAMPLING_FILE
         stale = os.path.join(os.path.dirname(self.output_folder), SAMPLING_FILE)
         if self.current_epoch == 0 and self.local_rank == 0 and os.path.isfile(stale):
             os.remove(stale)
@@ -130,11 +120,11 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
         data = batch["data"].to(self.device, non_blocking=True)
         x0, mask = self._encode(batch["target"])
         generator = torch.Generator(device=self.device).manual_seed(
-            int(self.diffusion.get("seed", 0)) + self.current_epoch)
+            int(self.diffusion["seed"]) + self.current_epoch)
         with self._autocast():
-            loss = self.method.training_loss(data, x0, mask, generator=generator)["loss"]
-            probs = self.method.sample(data, self.diffusion.get("validation_sampling_steps", 2),
-                                       self.diffusion.get("validation_samples", 1), generator=generator)
+            loss = self.sampling_module.training_loss(data, x0, mask, generator=generator)["loss"]
+            probs = self.sampling_module.sample(data, self.diffusion["validation_sampling_steps"],
+                                       self.diffusion["validation_samples"], generator=generator)
         if self.label_manager.has_regions:
             pred = (probs > 0.5).float()
         else:
@@ -160,26 +150,3 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
                 swapped(trainer_module, "export_prediction_from_logits", export_prediction_atomically), \
                 swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
             super().perform_actual_validation(save_probabilities)
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's resume logic with ``weights_only=True`` loading, into the method module (checkpoints are
-        written atomically every epoch by :class:`SafeCheckpointMixin`)."""
-        if not self.was_initialized:
-            self.initialize()
-        ckpt = filename_or_checkpoint
-        if isinstance(ckpt, str):
-            ckpt = load_checkpoint_safely(ckpt, map_location=self.device)
-        weights = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
-        self.method.load_state_dict(weights)
-        self._restore_ema(weights, ckpt)  # raw weights back into the method, the stored (EMA) ones into the EMA
-        self.my_init_kwargs = ckpt["init_args"]
-        self.current_epoch = ckpt["current_epoch"]
-        self.logger.load_checkpoint(ckpt["logging"])
-        self._best_ema = ckpt["_best_ema"]
-        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
-                                                         self.inference_allowed_mirroring_axes)
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
-        self.load_extra_optimizer_states(ckpt)

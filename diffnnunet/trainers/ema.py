@@ -16,10 +16,13 @@ exactly. Plans: ``diffusion.ema = {"enabled": bool, "horizon_fraction": h, "max_
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from diffnnunet.trainers.checkpointing import CheckpointState
 
 
 def ema_decay(total_updates: int, horizon_fraction: float, max_decay: float = 0.9999) -> float:
@@ -29,12 +32,19 @@ def ema_decay(total_updates: int, horizon_fraction: float, max_decay: float = 0.
 
 
 class WeightEMA:
-    """Shadow copies of a module's floating-point state (parameters and float buffers; others are copied)."""
+    """A shadow copy of a module whose floating-point state (parameters and float buffers) follows the module's as
+    an EMA; other buffers are copied. The copy is a whole module (:attr:`module`, in eval mode, no gradients), so
+    validation samples with it directly instead of swapping weights in and out of the trained module."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
         self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @property
+    def shadow(self) -> dict:
+        """The EMA state (name -> tensor), the storage of :attr:`module`."""
+        return self.module.state_dict()
 
     def step_decay(self) -> float:
         """d_n = min(d, (1 + n) / (10 + n)) for the n-th update."""
@@ -45,8 +55,9 @@ class WeightEMA:
         """theta_ema <- theta_ema + (1 - d_n) (theta - theta_ema), one fused call over all float tensors."""
         d = self.step_decay()
         shadows, values = [], []
+        shadow = self.shadow
         for k, v in module.state_dict().items():
-            s = self.shadow[k]
+            s = shadow[k]
             if s.is_floating_point():
                 shadows.append(s)
                 values.append(v.detach().to(s.dtype))
@@ -57,12 +68,13 @@ class WeightEMA:
         self.updates += 1
 
     def load(self, weights: dict, updates: int) -> None:
-        self.shadow = {k: v.detach().clone() for k, v in weights.items()}
+        self.module.load_state_dict(weights)
         self.updates = int(updates)
 
     @contextmanager
     def applied(self, module: nn.Module):
-        """Temporarily load the EMA weights into ``module``; the raw weights come back on exit."""
+        """Temporarily load the EMA weights into ``module`` (for code that only takes the trained module, e.g.
+        nnU-Net's final validation); the raw weights come back on exit, also after an exception."""
         raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
         module.load_state_dict(self.shadow)
         try:
@@ -71,25 +83,25 @@ class WeightEMA:
             module.load_state_dict(raw)
 
 
-class EMAMixin:
+class EMAMixin(CheckpointState):
     """Trainer mixin (before nnU-Net's trainer in the bases; no ``__init__``, see checkpointing.py): keeps
-    ``self.ema`` when the plans' ``diffusion.ema.enabled`` is true and uses it for validation, checkpoints and
-    the final validation. Needs ``self.diffusion`` and ``self.method`` (DiffusionTrainer)."""
+    ``self.ema`` when :meth:`ema_settings` say ``enabled`` and uses it for validation (:attr:`sampling_module`),
+    checkpoints and the final validation. Needs ``self.diffusion`` (its ``ema`` block, read by
+    :meth:`ema_settings`), ``num_epochs`` and ``num_iterations_per_epoch``; the EMA follows
+    :attr:`~CheckpointState.trained_module`."""
 
     ema: WeightEMA | None = None
-    _ema_active = False
 
-    def _ema_settings(self) -> dict:
+    def ema_settings(self) -> dict:
         return self.diffusion.get("ema") or {}
 
     def initialize(self):
         super().initialize()
-        settings = self._ema_settings()
-        if settings.get("enabled", False):
-            self.ema = WeightEMA(self.method, self._target_ema_decay())
+        if self.ema_settings().get("enabled", False):
+            self.ema = WeightEMA(self.trained_module, self._target_ema_decay())
 
     def _target_ema_decay(self) -> float:
-        s = self._ema_settings()
+        s = self.ema_settings()
         return ema_decay(self.num_epochs * self.num_iterations_per_epoch, s.get("horizon_fraction", 0.1),
                          s.get("max_decay", 0.9999))
 
@@ -98,64 +110,45 @@ class EMAMixin:
         if self.ema is not None:  # the run's length is final now (a CLI or the demo may have changed it)
             self.ema.decay = self._target_ema_decay()
             self.print_to_log_file(f"EMA of the weights: decay {self.ema.decay:.5f} (horizon "
-                                   f"{self._ema_settings().get('horizon_fraction', 0.1)} of "
+                                   f"{self.ema_settings().get('horizon_fraction', 0.1)} of "
                                    f"{self.num_epochs * self.num_iterations_per_epoch} updates)")
+
+    @property
+    def sampling_module(self) -> torch.nn.Module:
+        """What validation samples with: the EMA copy, or the trained module without EMA."""
+        return self.ema.module if self.ema is not None else self.trained_module
 
     def update_ema(self) -> None:
         """Call after every optimizer step (the trainer's ``train_step`` does)."""
         if self.ema is not None:
-            self.ema.update(self.method)
-
-    @contextmanager
-    def ema_weights(self):
-        """The EMA weights loaded into the method for the duration (re-entrant; a no-op without EMA)."""
-        if self.ema is None or self._ema_active:
-            yield
-            return
-        self._ema_active = True
-        try:
-            with self.ema.applied(self.method) as raw:
-                self._raw_weights = raw
-                yield
-        finally:
-            self._ema_active = False
-            self._raw_weights = None
-
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self._val_ctx = self.ema_weights()
-        self._val_ctx.__enter__()
-
-    def on_validation_epoch_end(self, val_outputs):
-        try:
-            super().on_validation_epoch_end(val_outputs)
-        finally:
-            ctx, self._val_ctx = getattr(self, "_val_ctx", None), None
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+            self.ema.update(self.trained_module)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        with self.ema_weights():
+        """nnU-Net's final validation predicts with ``self.network``: the EMA weights are loaded into it for the
+        duration (``with``: restored also when it raises)."""
+        if self.ema is None:
+            return super().perform_actual_validation(save_probabilities)
+        with self.ema.applied(self.trained_module):
             return super().perform_actual_validation(save_probabilities)
 
-    def save_checkpoint(self, filename: str) -> None:
+    def checkpoint_dict(self) -> dict:
         """``network_weights`` = the EMA weights (what every predictor loads), ``raw_network_weights`` = the
         optimised ones and ``ema_updates`` (what ``--continue`` resumes from)."""
-        if self.ema is None:
-            return super().save_checkpoint(filename)
-        import diffnnunet.trainers.checkpointing as checkpointing
-        with self.ema_weights():
-            extra = {"raw_network_weights": self._raw_weights, "ema_updates": self.ema.updates}
-            with checkpointing.extra_checkpoint_entries(extra):
-                return super().save_checkpoint(filename)
+        checkpoint = super().checkpoint_dict()
+        if self.ema is not None:
+            checkpoint["raw_network_weights"] = checkpoint["network_weights"]
+            checkpoint["network_weights"] = self.ema.shadow
+            checkpoint["ema_updates"] = self.ema.updates
+        return checkpoint
 
-    def _restore_ema(self, stored: dict, ckpt: dict) -> None:
-        """After the trainer loaded ``stored`` (``ckpt['network_weights']`` without DDP prefixes) into the method:
-        put the raw weights back for training and keep the stored ones as the EMA (a checkpoint without EMA starts
-        it from its weights)."""
+    def restore_checkpoint(self, checkpoint: dict) -> None:
+        """The raw weights back into the trained module, the stored (EMA) ones into the EMA (a checkpoint without
+        EMA starts it from its weights)."""
+        super().restore_checkpoint(checkpoint)
         if self.ema is None:
             return
-        raw = ckpt.get("raw_network_weights")
+        raw = checkpoint.get("raw_network_weights")
         if raw is not None:
-            self.method.load_state_dict(raw)
-        self.ema.load({k: v.to(self.device) for k, v in stored.items()}, ckpt.get("ema_updates", 0))
+            self.trained_module.load_state_dict(raw)
+        stored = self.stored_weights(checkpoint)
+        self.ema.load({k: v.to(self.device) for k, v in stored.items()}, checkpoint.get("ema_updates", 0))

@@ -9,15 +9,11 @@ from them. Unlike nnU-Net's loader the file is read with ``weights_only=True``.
 """
 from __future__ import annotations
 
+from diffnnunet.trainers.checkpointing import unwrapped
 from diffnnunet.utils import load_checkpoint_safely
 
 #: weights never transferred (nnU-Net's rule: the stock network's segmentation output layers)
 SKIPPED = (".seg_layers.",)
-
-
-def _unwrapped(network):
-    network = getattr(network, "module", network)  # DDP
-    return getattr(network, "_orig_mod", network)  # torch.compile
 
 
 def load_pretrained_weights(trainer, path: str) -> int:
@@ -28,7 +24,7 @@ def load_pretrained_weights(trainer, path: str) -> int:
         trainer.initialize()
     stored = load_checkpoint_safely(path)["network_weights"]
     stored = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in stored.items()}
-    network = _unwrapped(trainer.network)
+    network = unwrapped(trainer.network)
     own = network.state_dict()
     taken = {}
     for key, value in own.items():
