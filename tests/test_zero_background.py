@@ -88,7 +88,24 @@ def test_zero_background_plan_train_tune_predict_evaluate(env, dim, tmp_path):
                    "dataset.json"), "-o", str(tmp_path / "summary.json")])
     summary = json.load(open(tmp_path / "summary.json"))
     assert 0 <= summary["foreground_mean"]["Dice"] <= 1
-    assert 0 <= summary["uncertainty"]["ECE"] <= 1
+    # the evaluation's ECE recomputed here from the exported CASE.npz and the reference files, pooled over the
+    # cases: 15 equal-width bins of the top probability, sum_b (n_b / N) |acc_b - conf_b|
+    import SimpleITK as sitk
+    cases = sorted(f[:-4] for f in os.listdir(pred) if f.endswith(".npz"))
+    assert cases, "--save_probabilities wrote no CASE.npz"
+    conf, correct = [], []
+    for case in cases:
+        prob = np.load(os.path.join(pred, case + ".npz"))["probabilities"].astype(np.float64)
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(raw, "labelsTs", case + ".nii.gz"))).ravel()
+        prob = prob.reshape(prob.shape[0], -1)
+        assert prob.shape[1] == ref.size
+        conf.append(prob.max(0))
+        correct.append(prob.argmax(0) == ref)
+    conf, correct = np.concatenate(conf), np.concatenate(correct)
+    bin_of = np.minimum(np.floor(conf * 15).astype(int), 14)
+    ece = sum(np.sum(bin_of == b) / conf.size * abs(correct[bin_of == b].mean() - conf[bin_of == b].mean())
+              for b in range(15) if np.any(bin_of == b))
+    assert summary["uncertainty"]["ECE"] == pytest.approx(ece, abs=1e-6)
 
 
 def test_failed_tuning_keeps_the_model_and_names_the_retry(env, capsys, monkeypatch):
