@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the cases into this many disjoint parts (one per machine / job), as nnU-Net")
     p.add_argument("-part_id", type=int, default=0, help="which part this run predicts, 0 <= part_id < num_parts")
     p.add_argument("-npp", type=int, default=int(os.environ.get("nnUNet_npp", 2)),
-                   help="preprocessing processes (default: nnUNet_npp, else 2)")
+                   help="preprocessing processes (default: nnUNet_npp, else 2); 0: no worker processes at all, "
+                        "each case preprocessed, predicted and exported in turn in this process (nnU-Net's "
+                        "predict_from_files_sequential: slower for many cases, no start-up cost for a few)")
     p.add_argument("-nps", type=int, default=int(os.environ.get("nnUNet_nps", 2)),
                    help="export processes (default: nnUNet_nps, else 2)")
     return p
@@ -118,8 +120,9 @@ def resolve_model_folder(args):
 def resolve_folds(folder: str, args) -> list:
     """-f as given, else every fold of ``folder`` with the checkpoint; each must have it."""
     if args.f is None:
-        folds = sorted(int(d[5:]) if d[5:].isdigit() else d[5:] for d in os.listdir(folder)
-                       if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, args.chk)))
+        folds = sorted((int(d[5:]) if d[5:].isdigit() else d[5:] for d in os.listdir(folder)
+                        if d.startswith("fold_") and os.path.isfile(os.path.join(folder, d, args.chk))),
+                       key=lambda f: (isinstance(f, str), str(f) if isinstance(f, str) else f))  # 0..4, then all
         if not folds:
             raise UserError(f"{folder}: no fold has {args.chk} (is training finished?)")
     else:
@@ -142,6 +145,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.steps is not None and args.steps < 1 or args.samples is not None and args.samples < 1:
         raise UserError("--steps and --samples must be >= 1")
+    if args.npp < 0 or args.nps < 1:
+        raise UserError(f"-npp {args.npp} -nps {args.nps}: need -npp >= 0 and -nps >= 1")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         raise UserError(f"-part_id {args.part_id} -num_parts {args.num_parts}: need 0 <= part_id < num_parts")
     device = parse_device(args.device)
@@ -159,7 +164,10 @@ def main(argv=None):
     predictor.initialize_from_trained_model_folder(folder, folds, args.chk)
     if predictor.diffusion is not None:
         predictor.use_mirroring = args.mirror
-        source = "tuned, sampling.json" if predictor.tuned_sampling else "plans"
+        tuned = predictor.tuned_sampling or {}
+        source = ("plans" if not tuned.get("sampling_steps") else
+                  "the plans', kept by the tuning, sampling.json" if tuned.get("budget") == "plans"
+                  else "tuned, sampling.json")
         print(f"diffusion sampling: {predictor.sampling_steps} steps x {predictor.samples_per_step} samples "
               f"({'command line' if args.steps or args.samples else source}), "
               f"mirroring {'on' if args.mirror else 'off'}")
@@ -172,7 +180,10 @@ def main(argv=None):
               + (", uncertainty = the error map of the margin" if predictor.tuned_sampling.get("error_map")
                  and args.save_uncertainty and not args.raw_uncertainty else ""))
     os.makedirs(args.o, exist_ok=True)
-    if input_lists:
+    if input_lists and args.npp == 0:
+        predictor.predict_from_files_sequential(input_lists, args.o, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction)
+    elif input_lists:
         predictor.predict_from_files(input_lists, args.o, save_probabilities=args.save_probabilities,
                                      overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
                                      num_processes_segmentation_export=args.nps)

@@ -287,6 +287,8 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
         out = {}
         if "sampling_steps" in tuned or "samples_per_step" in tuned:
             out = {"sampling_steps": int(tuned["sampling_steps"]), "samples_per_step": int(tuned["samples_per_step"])}
+            if tuned.get("budget") == "plans":  # recipe paper: the published budget, kept (not chosen) by the tuning
+                out["budget"] = "plans"
         if tuned.get("calibration"):
             out["temperature"] = float(tuned["calibration"]["temperature"])
             if not out["temperature"] > 0:

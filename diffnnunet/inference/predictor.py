@@ -393,3 +393,17 @@ class DiffusionPredictor(nnUNetPredictor):
         with swapped(predict_module, "export_prediction_from_logits", export):
             return super().predict_from_data_iterator(data_iterator, save_probabilities,
                                                       num_processes_segmentation_export)
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str = None):
+        """nnU-Net's prediction without worker processes (preprocessing, sampling and export in this process:
+        ``diffnnunet_predict -npp 0``), with the same atomic export (+ uncertainty maps). nnU-Net's signature: it
+        records its arguments by inspecting the method's own."""
+        export = partial(export_prediction_atomically, save_uncertainty=self.save_uncertainty)
+        with swapped(predict_module, "export_prediction_from_logits", export):
+            return super().predict_from_files_sequential(list_of_lists_or_source_folder,
+                                                         output_folder_or_list_of_truncated_output_files,
+                                                         save_probabilities, overwrite,
+                                                         folder_with_segs_from_prev_stage)
