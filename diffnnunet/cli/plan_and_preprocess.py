@@ -8,6 +8,10 @@ import os
 from diffnnunet.cli.common import UserError, cli_entry, require_env, resolve_dataset_name
 
 ALL_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+#: nnU-Net's planners for the baseline plans (-pl), by nnU-Net's class names; the ResEnc presets write
+#: nnUNetResEncUNet{M,L,XL}Plans (2d/3d_fullres data shared with nnUNetPlans)
+BASELINE_PLANNERS = ("ExperimentPlanner", "nnUNetPlannerResEncM", "nnUNetPlannerResEncL", "nnUNetPlannerResEncXL",
+                     "ResEncUNetPlanner")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", type=int, default=None, help="processes (default: nnUNet_def_n_proc or 2)")
     p.add_argument("--verify_dataset_integrity", action="store_true",
                    help="also run nnU-Net's own integrity check (diffnnunet's checks always run)")
-    p.add_argument("-gpu_memory_target", type=float, default=8.0, help="VRAM target in GB for both planners")
+    p.add_argument("-gpu_memory_target", type=float, default=None,
+                   help="VRAM target in GB (default: 8, or the -pl preset's own for the baseline: ResEnc L 24, XL 40)")
+    p.add_argument("-pl", default="ExperimentPlanner", choices=BASELINE_PLANNERS,
+                   help="nnU-Net's planner for the baseline plans (nnUNetPlans; the ResEnc presets write "
+                        "nnUNetResEncUNet{M,L,XL}Plans: train them with -p, e.g. diffnnunet_train D nnUNetTrainer 0 "
+                        "-p nnUNetResEncUNetMPlans)")
     p.add_argument("-methods", "-method", nargs="+", default=None,
                    help="diffusion methods to plan, one plans file each (default: every registered method)")
     p.add_argument("--recipe", default="default", choices=("default", "paper"),
@@ -31,12 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def baseline_planner_class(name: str):
+    """nnU-Net's planner class of ``-pl`` (explicit imports: nnU-Net's class scan would import timm)."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as res
+    if name == "ExperimentPlanner":
+        return ExperimentPlanner
+    if name not in BASELINE_PLANNERS:
+        raise UserError(f"unknown planner '{name}' (known: {', '.join(BASELINE_PLANNERS)})")
+    return getattr(res, name)
+
+
 def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, verify: bool = False,
-                                gpu_memory_target: float = 8.0, methods=None, baseline: bool = True,
-                                preprocess: bool = True, clean: bool = False, recipe: str = "default") -> dict:
+                                gpu_memory_target: float | None = None, methods=None, baseline: bool = True,
+                                preprocess: bool = True, clean: bool = False, recipe: str = "default",
+                                baseline_planner: str = "ExperimentPlanner") -> dict:
     """Runs the whole pipeline for one dataset; returns {plans identifier: plans dict}."""
     from batchgenerators.utilities.file_and_folder_operations import join
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -59,8 +79,10 @@ def plan_and_preprocess_dataset(name: str, configurations, num_processes: int, v
     if clean or not os.path.isfile(fingerprint):
         extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=verify,
                                     clean=True, verbose=False)
-    planners = ([ExperimentPlanner(name, gpu_memory_target)] if baseline else [])
-    planners += [DiffusionPlanner(name, gpu_memory_target, method=m, recipe=recipe) for m in methods]
+    planners = [baseline_planner_class(baseline_planner)(name, *([] if gpu_memory_target is None
+                                                                 else [gpu_memory_target]))] if baseline else []
+    planners += [DiffusionPlanner(name, 8.0 if gpu_memory_target is None else gpu_memory_target, method=m,
+                                  recipe=recipe) for m in methods]
     plans = {}
     for planner in planners:
         plans[planner.plans_identifier] = planner.plan_experiment()
@@ -105,7 +127,7 @@ def main(argv=None):
         name = resolve_dataset_name(d)
         plans = plan_and_preprocess_dataset(name, args.c, num_processes, args.verify_dataset_integrity,
                                             args.gpu_memory_target, args.methods, not args.no_baseline,
-                                            not args.no_pp, args.clean, args.recipe)
+                                            not args.no_pp, args.clean, args.recipe, args.pl)
         print(f"\n{name}: plans\n{summarize(plans)}")
 
 
