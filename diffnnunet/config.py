@@ -19,6 +19,9 @@ RECIPE_MIN_LATENT_SIZE = 16
 UNCERTAINTY_SUFFIX = "_uncertainty"
 #: file name of the tuned sampling budget and calibration in a model folder (next to plans.json)
 SAMPLING_FILE = "sampling.json"
+#: the end-of-training tuning's grid of sampling steps x samples per step (inference.md, "The sampling budget")
+DEFAULT_STEPS = (1, 2, 5, 10)
+DEFAULT_SAMPLES = (1, 2, 4)
 
 #: per-method defaults, from the papers (Diff-UNet: T=1000, linear 1e-4..0.02, x0, DDIM 10 steps, S=4, SUF)
 DEFAULT_DIFFUSION = {

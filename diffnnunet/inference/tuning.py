@@ -18,14 +18,12 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from tqdm import tqdm
 
-from diffnnunet.config import SAMPLING_FILE
+from diffnnunet.config import DEFAULT_SAMPLES, DEFAULT_STEPS, SAMPLING_FILE
 from diffnnunet.inference.calibration import load_tuned_sampling
 from diffnnunet.utils import partial_path
 
-__all__ = ["SAMPLING_FILE", "load_tuned_sampling", "tune_sampling", "choose_budget"]
+__all__ = ["DEFAULT_SAMPLES", "DEFAULT_STEPS", "SAMPLING_FILE", "load_tuned_sampling", "tune_sampling", "choose_budget"]
 
-DEFAULT_STEPS = (1, 2, 5, 10)
-DEFAULT_SAMPLES = (1, 2, 4)
 
 
 def choose_budget(results: list, tolerance: float, auroc_tolerance: float = 0.005,

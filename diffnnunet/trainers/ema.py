@@ -93,24 +93,25 @@ class EMAMixin(CheckpointState):
     ema: WeightEMA | None = None
 
     def ema_settings(self) -> dict:
-        return self.diffusion.get("ema") or {}
+        """The plans' ``ema`` block, every key present (the trainer's diffusion section is resolved in
+        :mod:`diffnnunet.config`: a missing block means the default recipe's)."""
+        return self.diffusion["ema"]
 
     def initialize(self):
         super().initialize()
-        if self.ema_settings().get("enabled", False):
+        if self.ema_settings()["enabled"]:
             self.ema = WeightEMA(self.trained_module, self._target_ema_decay())
 
     def _target_ema_decay(self) -> float:
         s = self.ema_settings()
-        return ema_decay(self.num_epochs * self.num_iterations_per_epoch, s.get("horizon_fraction", 0.1),
-                         s.get("max_decay", 0.9999))
+        return ema_decay(self.num_epochs * self.num_iterations_per_epoch, s["horizon_fraction"], s["max_decay"])
 
     def on_train_start(self):
         super().on_train_start()
         if self.ema is not None:  # the run's length is final now (a CLI or the demo may have changed it)
             self.ema.decay = self._target_ema_decay()
             self.print_to_log_file(f"EMA of the weights: decay {self.ema.decay:.5f} (horizon "
-                                   f"{self.ema_settings().get('horizon_fraction', 0.1)} of "
+                                   f"{self.ema_settings()['horizon_fraction']} of "
                                    f"{self.num_epochs * self.num_iterations_per_epoch} updates)")
 
     @property
