@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import shutil
+from contextlib import contextmanager
 
 import SimpleITK as sitk
 
@@ -18,28 +20,20 @@ def dataset_names(ids: dict) -> dict:
     return {dim: dataset_name(i, dim) for dim, i in ids.items()}
 
 
-def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, dataset_kwargs=None, **diffusion):
-    """Generator for a module fixture: points the nnU-Net variables at ``root``, writes one synthetic dataset per
-    dimension (``ids`` = {dim: dataset id}), runs ``diffnnunet_plan_and_preprocess`` once per argv of
-    ``plan_argvs`` (``dataset_kwargs`` go to ``make_dataset``), updates every diffusion section of ``plans_name``
-    with ``diffusion`` (cheap sampling keeps the CPU tests fast), yields the paths and restores the environment."""
-    paths = {k: str(root / k) for k in ENV_KEYS}
+#: the synthetic datasets the CLI test modules share: written and planned once per session for every method
+#: (conftest's ``planned`` fixture), each module working on its own copy (:func:`module_cli_env`)
+STANDARD_IDS = {2: 900, 3: 901}
+#: the same with an exactly-zero background outside an elliptic body (nnU-Net writes -1 there)
+ZERO_BACKGROUND_IDS = {2: 902, 3: 903}
+ALL_METHODS = ("diff_unet", "berdiff", "ldseg", "medsegdiff_v2", "cdal")
+
+
+@contextmanager
+def nnunet_env(paths: dict):
+    """The nnU-Net variables set to ``paths`` for the block, restored afterwards."""
     old = {k: os.environ.get(k) for k in paths}
     os.environ.update(paths)
     try:
-        names = {d: os.path.basename(make_dataset(paths["nnUNet_raw"], i, dim=d, seed=d,
-                                                              **(dataset_kwargs or {}))) for d, i in ids.items()}
-        for argv in plan_argvs:
-            plan_and_preprocess.main(list(argv))
-        for name in names.values():
-            plans_file = os.path.join(paths["nnUNet_preprocessed"], name, plans_name + ".json")
-            with open(plans_file) as f:
-                plans = json.load(f)
-            for cfg in plans["configurations"].values():
-                if "diffusion" in cfg:
-                    cfg["diffusion"].update(diffusion)
-            with open(plans_file, "w") as f:
-                json.dump(plans, f)
         yield paths
     finally:
         for k, v in old.items():
@@ -47,6 +41,63 @@ def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, dataset_kwar
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def plan_session_datasets(root) -> dict:
+    """Write the shared synthetic datasets under ``root`` and plan + preprocess them once, 2d and 3d_fullres, for
+    every method (one plans file each) and nnU-Net's own plans; returns the raw / preprocessed folders."""
+    paths = {k: str(root / k) for k in ENV_KEYS[:2]}
+    with nnunet_env(paths):
+        for ids, kwargs in ((STANDARD_IDS, {}), (ZERO_BACKGROUND_IDS, {"zero_background": True})):
+            for d, i in ids.items():
+                make_dataset(paths["nnUNet_raw"], i, dim=d, seed=d, **kwargs)
+        ids = [str(i) for i in (*STANDARD_IDS.values(), *ZERO_BACKGROUND_IDS.values())]
+        plan_and_preprocess.main(["-d", *ids, "-c", "2d", "3d_fullres", "-np", "2", "-methods", *ALL_METHODS])
+    return paths
+
+
+def module_cli_env(planned: dict, root, plans_name: str | None = None, ids: dict = STANDARD_IDS, **diffusion):
+    """Generator for a module fixture: a private copy under ``root`` of the session's planned datasets
+    (:func:`plan_session_datasets`), an empty nnUNet_results, the nnU-Net variables pointing there; ``diffusion``
+    updates every diffusion section of ``plans_name`` for the datasets ``ids`` (cheap sampling keeps the CPU tests
+    fast). Yields the paths and restores the environment: no module sees another's models or plan edits."""
+    paths = {k: str(root / k) for k in ENV_KEYS}
+    for key in ENV_KEYS[:2]:
+        shutil.copytree(planned[key], paths[key])
+    os.makedirs(paths["nnUNet_results"])
+    if plans_name is not None and diffusion:
+        for name in dataset_names(ids).values():
+            update_plans(os.path.join(paths["nnUNet_preprocessed"], name, plans_name + ".json"), diffusion)
+    with nnunet_env(paths):
+        yield paths
+
+
+def update_plans(plans_file: str, diffusion: dict) -> None:
+    """``diffusion`` written into every configuration's diffusion section of ``plans_file``."""
+    with open(plans_file) as f:
+        plans = json.load(f)
+    for cfg in plans["configurations"].values():
+        if "diffusion" in cfg:
+            cfg["diffusion"].update(diffusion)
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+
+
+def synthetic_cli_env(root, ids: dict, plan_argvs, plans_name: str, dataset_kwargs=None, **diffusion):
+    """Generator for a module fixture that needs its own planning (e.g. ``--recipe paper``): points the nnU-Net
+    variables at ``root``, writes one synthetic dataset per dimension (``ids`` = {dim: dataset id}), runs
+    ``diffnnunet_plan_and_preprocess`` once per argv of ``plan_argvs`` (``dataset_kwargs`` go to ``make_dataset``),
+    updates every diffusion section of ``plans_name`` with ``diffusion``, yields the paths and restores the
+    environment. Modules that can share the session's planning use :func:`module_cli_env` instead."""
+    paths = {k: str(root / k) for k in ENV_KEYS}
+    with nnunet_env(paths):
+        names = {d: os.path.basename(make_dataset(paths["nnUNet_raw"], i, dim=d, seed=d, **(dataset_kwargs or {})))
+                 for d, i in ids.items()}
+        for argv in plan_argvs:
+            plan_and_preprocess.main(list(argv))
+        for name in names.values():
+            update_plans(os.path.join(paths["nnUNet_preprocessed"], name, plans_name + ".json"), diffusion)
+        yield paths
 
 
 def image_geometry(path):

@@ -16,7 +16,7 @@ from diffnnunet.networks import resolve_arch_kwargs
 from diffnnunet.processes import BernoulliProcess
 from diffnnunet.trainers import default_plans_for
 from diffnnunet.utils import expand_to
-from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
 
 def _model(arch, channels=2, classes=3, **diffusion):
@@ -180,17 +180,14 @@ REGRESSION = {"samples": {2: [0.3255, 0.306], 3: [0.3512, 0.3109]},
 
 
 # -- CLIs end to end -------------------------------------------------------------------------------------------------
-IDS = {2: 831, 3: 832}
+IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet_berdiff"), IDS,
-        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "berdiff",
-          "--no_baseline"]],
-        "BerDiffPlans", sampling_steps=2, samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet_berdiff"), "BerDiffPlans", sampling_steps=2,
+                              samples_per_step=2)
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
@@ -205,7 +202,7 @@ def test_cli_train_predict_with_uncertainty(env, dim, tmp_path):
     out = str(tmp_path / "pred")
     images = os.path.join(env["nnUNet_raw"], NAMES[dim], "imagesTs")
     predict.main(["-i", images, "-o", out, "-d", str(IDS[dim]), "-tr", "BerDiffTrainer", "-f", "0", "-device", "cpu",
-                  "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "2",
+                  "-npp", "0", "--save_uncertainty", "--save_probabilities", "--steps", "2", "--samples", "2",
                   "--precision", "bf16"])  # the CPU bfloat16 autocast path, end to end
     for case in sorted({f[:-12] for f in os.listdir(images)}):
         src = image_geometry(os.path.join(images, case + "_0000.nii.gz"))

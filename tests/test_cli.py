@@ -11,18 +11,16 @@ import pytest
 import SimpleITK as sitk
 
 from diffnnunet.cli import predict, train
-from tests.helpers import CONFIG, dataset_names, image_geometry, synthetic_cli_env
+from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
-IDS = {2: 812, 3: 813}
+IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet"), IDS,
-        [["-d", str(IDS[2]), str(IDS[3]), "-c", "2d", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
-        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2,
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(
+        planned, tmp_path_factory.mktemp("nnunet"), "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2,
         # an EMA horizon of 5 runs (decay 0.9 for 2 updates) so that the EMA and raw weights differ in 2 updates
         ema={"enabled": True, "horizon_fraction": 5.0, "max_decay": 0.9999})
 
@@ -36,6 +34,29 @@ def _fail(main, argv, capsys):
     last = err.splitlines()[-1]  # the one error line (progress bars may precede it on stderr)
     assert ": error: " in last, err
     return last
+
+
+#: the models several tests predict with or start from: name -> (dim, trainer, fold, end-of-training tuning)
+MODELS = {"diff2d": (2, "DiffUNetTrainer", "0", False), "diff3d": (3, "DiffUNetTrainer", "0", False),
+          "base2d": (2, "nnUNetTrainer", "0", True)}
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    """``trained(name)`` -> the fold folder of :data:`MODELS` ``name``, trained on first use and shared: every test
+    that needs a model asks for it here, so none depends on another test having trained it. The tuning, where on,
+    runs on one validation case."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            dim, trainer, fold, tune = MODELS[name]
+            _train(dim, trainer, fold, extra=("--tune-max-cases", "1") if tune else ("--no-tune",))
+            plans = "nnUNetPlans" if trainer == "nnUNetTrainer" else "DiffnnUNetPlans"
+            done[name] = os.path.join(env["nnUNet_results"], NAMES[dim], f"{trainer}__{plans}__{CONFIG[dim]}",
+                                      f"fold_{fold}")
+        return done[name]
+    return get
 
 
 def _train(dim, trainer="DiffUNetTrainer", fold="0", extra=("--no-tune",)):
@@ -59,10 +80,8 @@ def test_plans_have_diffusion_section_and_baseline(env):
 
 
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
-def test_train_predict_keeps_inputimage_geometry(env, dim, tmp_path):
-    _train(dim)
-    fold = os.path.join(env["nnUNet_results"], NAMES[dim], f"DiffUNetTrainer__DiffnnUNetPlans__{CONFIG[dim]}",
-                        "fold_0")
+def test_train_predict_keeps_inputimage_geometry(env, trained, dim, tmp_path):
+    fold = trained(f"diff{dim}d")
     for f in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "validation/summary.json"):
         assert os.path.isfile(os.path.join(fold, f)), f
     summary = json.load(open(os.path.join(fold, "validation", "summary.json")))
@@ -91,25 +110,54 @@ def test_train_predict_keeps_inputimage_geometry(env, dim, tmp_path):
         assert probs.shape[0] == 3
         np.testing.assert_allclose(probs.sum(0), 1, atol=1e-3)
     assert not [f for f in os.listdir(out) if f.startswith(".partial_")]
+    # -npp 0: the same prediction without worker processes (nnU-Net's sequential path, our export)
+    seq = str(tmp_path / "sequential")
+    predict.main(["-i", images, "-o", seq, "-d", str(IDS[dim]), "-tr", "DiffUNetTrainer", "-f", "0",
+                  "-device", "cpu", "--save_uncertainty", "--steps", "2", "--samples", "1", "-npp", "0"])
+    for case in cases:
+        for suffix in (".nii.gz", "_uncertainty.nii.gz"):
+            a, b = (sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(d, case + suffix))) for d in (out, seq))
+            np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_baseline_trainer_and_continue(env, tmp_path, capsys):
-    _train(2, "nnUNetTrainer", extra=("--tune-max-cases", "1"))  # the default tuning: nnU-Net's calibration only
-    folder = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d")
+def test_resenc_preset_plans_train_and_predict_the_baseline(env, tmp_path):
+    """-pl nnUNetPlannerResEncM writes nnU-Net's nnUNetResEncUNetMPlans (2d data shared with nnUNetPlans); the
+    baseline trains on them with -p and predicts with the residual-encoder U-Net they describe."""
+    from diffnnunet.cli.plan_and_preprocess import plan_and_preprocess_dataset
+    from diffnnunet.utils import load_checkpoint_safely
+    plans = plan_and_preprocess_dataset(NAMES[2], ["2d"], 1, methods=[], baseline_planner="nnUNetPlannerResEncM",
+                                        preprocess=False)
+    arch = plans["nnUNetResEncUNetMPlans"]["configurations"]["2d"]["architecture"]
+    assert arch["network_class_name"].endswith("ResidualEncoderUNet")
+    assert plans["nnUNetResEncUNetMPlans"]["configurations"]["2d"]["data_identifier"] == "nnUNetPlans_2d"
+    _train(2, "nnUNetTrainer", extra=("--no-tune", "-p", "nnUNetResEncUNetMPlans"))
+    fold = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetResEncUNetMPlans__2d", "fold_0")
+    weights = load_checkpoint_safely(os.path.join(fold, "checkpoint_final.pth"))["network_weights"]
+    assert any(".stem." in k for k in weights)  # the residual encoder's stem: not the plain U-Net's weights
+    out = str(tmp_path / "resenc")
+    predict.main(["-i", os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs"), "-o", out, "-d", str(IDS[2]),
+                  "-tr", "nnUNetTrainer", "-p", "nnUNetResEncUNetMPlans", "-f", "0", "-device", "cpu",
+                  "--disable_tta", "-npp", "0"])
+    images = os.listdir(os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs"))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == sorted({f[:-12] + ".nii.gz" for f in images})
+
+
+def test_baseline_trainer_and_continue(env, trained, tmp_path):
+    folder = os.path.dirname(trained("base2d"))  # trained with the default tuning: nnU-Net's calibration only
     assert os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth"))
     stock = json.load(open(os.path.join(folder, "sampling.json")))
     assert "sampling_steps" not in stock and "grid" not in stock and stock["calibration"]["temperature"] > 0
-    assert "calibration of the stock model on 1 validation cases" in capsys.readouterr().out
+    assert stock["cases"] == 1 and stock["folds"] == [0]
     out = str(tmp_path / "base")
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
-    predict.main(["-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
+    predict.main(["-npp", "0", "-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
                   "--disable_tta"])
     assert len([f for f in os.listdir(out) if f.endswith(".nii.gz")]) == 2
     # --continue_prediction only redoes what is missing
     first = os.path.join(out, "case_006.nii.gz")
     os.remove(os.path.join(out, "case_007.nii.gz"))
     before = os.path.getmtime(first)
-    predict.main(["-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
+    predict.main(["-npp", "0", "-i", images, "-o", out, "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-device", "cpu",
                   "--disable_tta", "--continue_prediction"])
     assert os.path.isfile(os.path.join(out, "case_007.nii.gz")) and os.path.getmtime(first) == before
 
@@ -147,6 +195,33 @@ def test_resume_training_with_continue(env):
     assert second["current_epoch"] == 2 and second["ema_updates"] == 4
 
 
+def test_ema_never_leaves_its_weights_in_the_trained_module(env, monkeypatch):
+    """Validation samples with the EMA copy (the trained module is never swapped), and the final validation's swap
+    is undone also when it raises: after either failure the trained module holds the raw weights."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as Stock
+
+    from diffnnunet.cli.train import load_trainer
+    trainer = load_trainer(str(IDS[2]), "DiffUNetTrainer", "3", "2d", device=torch.device("cpu"))
+    trainer.initialize()
+    with torch.no_grad():
+        for p in trainer.method.parameters():
+            p.add_(1.0)  # the raw weights move away from the EMA's
+    raw = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    assert any(not torch.equal(raw[k], v) for k, v in trainer.ema.shadow.items())
+    assert trainer.sampling_module is trainer.ema.module
+    monkeypatch.setattr(trainer.ema.module, "training_loss", lambda *a, **k: 1 / 0)
+    batch = {"data": torch.zeros(1, 2, *trainer.configuration_manager.patch_size),
+             "target": torch.zeros(1, 1, *trainer.configuration_manager.patch_size)}
+    with pytest.raises(ZeroDivisionError):
+        trainer.validation_step(batch)
+    monkeypatch.setattr(Stock, "perform_actual_validation", lambda self, save_probabilities=False: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer.perform_actual_validation()
+    for k, v in trainer.method.state_dict().items():
+        torch.testing.assert_close(v, raw[k])
+
+
 def test_training_errors(env, capsys):
     assert "999" in _fail(train.main, ["999", "DiffUNetTrainer", "0"], capsys)
     assert "NoSuchTrainer" in _fail(train.main, [str(IDS[2]), "NoSuchTrainer", "0"], capsys)
@@ -156,7 +231,7 @@ def test_training_errors(env, capsys):
                                                                  "--tune-max-cases", "0"], capsys)
 
 
-def test_prediction_errors(env, tmp_path, capsys):
+def test_prediction_errors(env, trained, tmp_path, capsys):
     images = os.path.join(env["nnUNet_raw"], NAMES[3], "imagesTs")
     err = _fail(predict.main, ["-i", images, "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",
                                "DiffUNetTrainer", "-f", "4", "-device", "cpu"], capsys)
@@ -164,11 +239,11 @@ def test_prediction_errors(env, tmp_path, capsys):
     err = _fail(predict.main, ["-i", images, "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",
                                "DiffusionTrainer"], capsys)
     assert "no trained" in err
-    _train(3, fold="2")  # a model to predict with
+    trained("diff3d")  # a model to predict with
 
     def run(folder):
         return _fail(predict.main, ["-i", str(folder), "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",
-                                    "DiffUNetTrainer", "-f", "2", "-device", "cpu"], capsys)
+                                    "DiffUNetTrainer", "-f", "0", "-device", "cpu"], capsys)
 
     one_channel = tmp_path / "one_channel"
     one_channel.mkdir()
@@ -182,13 +257,11 @@ def _truncate(path, drop=12):
     open(path, "wb").write(data[:-drop])
 
 
-def test_batch_prediction_skips_bad_cases_and_continues(env, tmp_path, capsys):
+def test_batch_prediction_skips_bad_cases_and_continues(env, trained, tmp_path, capsys):
     """Good cases are predicted, each bad one (corrupt, truncated, NaN, stray name) is listed with its reason and
     gets no output, the exit status is non-zero; --continue_prediction then predicts only what is missing."""
     images = os.path.join(env["nnUNet_raw"], NAMES[3], "imagesTs")
-    fold = os.path.join(env["nnUNet_results"], NAMES[3], f"DiffUNetTrainer__DiffnnUNetPlans__{CONFIG[3]}", "fold_2")
-    if not os.path.isfile(os.path.join(fold, "checkpoint_final.pth")):
-        _train(3, fold="2")
+    trained("diff3d")
     mixed = tmp_path / "mixed"
     shutil.copytree(images, mixed)
     for case in ("case_100", "case_101", "case_102"):
@@ -204,7 +277,7 @@ def test_batch_prediction_skips_bad_cases_and_continues(env, tmp_path, capsys):
     sitk.WriteImage(nan_img, str(mixed / "case_102_0001.nii.gz"))
     shutil.copy(mixed / "case_006_0000.nii.gz", mixed / "stray.nii.gz")
     out = tmp_path / "out"
-    argv = ["-i", str(mixed), "-o", str(out), "-d", str(IDS[3]), "-tr", "DiffUNetTrainer", "-f", "2", "-device",
+    argv = ["-i", str(mixed), "-o", str(out), "-d", str(IDS[3]), "-tr", "DiffUNetTrainer", "-f", "0", "-device",
             "cpu", "--steps", "1", "--samples", "1"]
     with pytest.raises(SystemExit) as e:
         predict.main(argv)
@@ -237,7 +310,7 @@ def test_console_script_exit_code(env):
     assert r.stderr.strip().startswith("diffnnunet_train: error:") and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, capsys):
+def test_training_tunes_sampling_by_default_and_predict_uses_it(env, trained, tmp_path, capsys):
     """The one end-to-end run of the default tuning (``--tune-max-cases 1`` keeps it to one validation case):
     diffnnunet_train ends by writing sampling.json (budget + temperature) and diffnnunet_predict uses it."""
     from diffnnunet.cli import tune_sampling
@@ -261,22 +334,23 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     assert set(cal["error_map"]["validation_auroc"]) == {"map", "confidence"}
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     predict.main(["-i", images, "-o", str(tmp_path / "pred"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
-                  "-device", "cpu", "--save_uncertainty"])
+                  "-npp", "0", "-device", "cpu", "--save_uncertainty"])
     assert f"diffusion sampling: {chosen[0]} steps x {chosen[1]} samples (tuned, sampling.json)" in \
         capsys.readouterr().out
     predict.main(["-i", images, "-o", str(tmp_path / "raw"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
-                  "-device", "cpu", "--save_uncertainty", "--raw_uncertainty"])
+                  "-npp", "0", "-device", "cpu", "--save_uncertainty", "--raw_uncertainty"])
     case = sorted(f for f in os.listdir(tmp_path / "pred") if f.endswith("_uncertainty.nii.gz"))[0]
     mapped, raw = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / case))) for d in ("pred", "raw"))
     assert mapped.shape == raw.shape and 0 <= mapped.min() and mapped.max() <= 1 and not np.allclose(mapped, raw)
     # one chain of one fold: the mutual-information map (Diff-UNet's) is 0 everywhere, and the user is told
     predict.main(["-i", images, "-o", str(tmp_path / "one"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "2",
-                  "-device", "cpu", "--save_uncertainty", "--raw_uncertainty", "--steps", "1", "--samples", "1"])
+                  "-npp", "0", "-device", "cpu", "--save_uncertainty", "--raw_uncertainty", "--steps", "1",
+                  "--samples", "1"])
     assert "warning: with 1 sample the 'mutual_information' map measures nothing" in capsys.readouterr().err
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / case))).any()
     predict.main(["-i", images, "-o", str(tmp_path / "one_h"), "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f",
-                  "2", "-device", "cpu", "--save_uncertainty", "--steps", "1", "--samples", "1", "--uncertainty",
-                  "entropy"])
+                  "2", "-npp", "0", "-device", "cpu", "--save_uncertainty", "--steps", "1", "--samples", "1",
+                  "--uncertainty", "entropy"])
     assert "warning" not in capsys.readouterr().err
     predictor = DiffusionPredictor(device=torch_cpu(), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(folder, [2])
@@ -291,8 +365,7 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     tuned = json.load(open(os.path.join(folder, "sampling.json")))
     assert {(r["steps"], r["samples"]) for r in tuned["grid"]} == {(1, 1), (1, 2), (3, 1), (3, 2)}
     assert "calibration" not in tuned
-    if not os.path.isdir(os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d", "fold_0")):
-        _train(2, "nnUNetTrainer")
+    trained("base2d")
     # the stock model: the same calibration (temperature, margin error map), no budget
     tune_sampling.main(["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu", "--max_cases", "1"])
     stock_folder = os.path.join(env["nnUNet_results"], NAMES[2], "nnUNetTrainer__nnUNetPlans__2d")
@@ -300,7 +373,7 @@ def test_training_tunes_sampling_by_default_and_predict_uses_it(env, tmp_path, c
     assert "sampling_steps" not in stock and stock["mirroring"] and stock["calibration"]["temperature"] > 0
     assert stock["calibration"].get("error_map", {"inputs": "confidence"})["inputs"] == "confidence"
     predict.main(["-i", images, "-o", str(tmp_path / "stock"), "-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0",
-                  "-device", "cpu", "--save_uncertainty"])
+                  "-npp", "0", "-device", "cpu", "--save_uncertainty"])
     assert "calibration (sampling.json): temperature" in capsys.readouterr().out
     err = _fail(tune_sampling.main, ["-d", str(IDS[2]), "-tr", "nnUNetTrainer", "-f", "0", "-device", "cpu",
                                      "--no_calibration"], capsys)
@@ -415,7 +488,7 @@ def test_command_lines_refuse_abbreviations_and_read_nnunet_spellings(monkeypatc
 
 
 @pytest.mark.parametrize("trainer", ["DiffUNetTrainer", "nnUNetTrainer"])
-def test_pretrained_weights_start_the_new_run(env, trainer, capsys):
+def test_pretrained_weights_start_the_new_run(env, trained, trainer, capsys):
     """-pretrained_weights: fold 1 starts from fold 0's network weights (a weight checked), the EMA from them too;
     nnU-Net's segmentation layers are not transferred; another method's checkpoint is refused naming the file."""
     import torch
@@ -423,10 +496,8 @@ def test_pretrained_weights_start_the_new_run(env, trainer, capsys):
     from diffnnunet.cli.train import load_trainer
     from diffnnunet.trainers.pretrained import load_pretrained_weights
     from diffnnunet.utils import load_checkpoint_safely
-    plans = "DiffnnUNetPlans" if trainer == "DiffUNetTrainer" else "nnUNetPlans"
-    ckpt = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_0", "checkpoint_final.pth")
-    if not os.path.isfile(ckpt):
-        _train(2, trainer)
+    mine, theirs = ("diff2d", "base2d") if trainer == "DiffUNetTrainer" else ("base2d", "diff2d")
+    ckpt = os.path.join(trained(mine), "checkpoint_final.pth")
     stored = load_checkpoint_safely(ckpt)["network_weights"]
     new = load_trainer(str(IDS[2]), trainer, "1", "2d", None, torch_cpu())
     assert load_pretrained_weights(new, ckpt) > 0
@@ -437,11 +508,7 @@ def test_pretrained_weights_start_the_new_run(env, trainer, capsys):
         torch.testing.assert_close(value, stored[key])
         if getattr(new, "ema", None) is not None:
             torch.testing.assert_close(new.ema.shadow[key], stored[key])
-    other = os.path.join(env["nnUNet_results"], NAMES[2],
-                         "nnUNetTrainer__nnUNetPlans__2d" if trainer == "DiffUNetTrainer"
-                         else "DiffUNetTrainer__DiffnnUNetPlans__2d", "fold_0", "checkpoint_final.pth")
-    if not os.path.isfile(other):
-        _train(2, "nnUNetTrainer" if trainer == "DiffUNetTrainer" else "DiffUNetTrainer")
+    other = os.path.join(trained(theirs), "checkpoint_final.pth")
     with pytest.raises(ValueError, match="checkpoint_final.pth: pretrained"):
         load_pretrained_weights(load_trainer(str(IDS[2]), trainer, "1", "2d", None, torch_cpu()), other)
     err = _fail(train.main, [str(IDS[2]), trainer, "1", "-device", "cpu", "-pretrained_weights", other, "--epochs",

@@ -10,19 +10,17 @@ import SimpleITK as sitk
 import torch
 
 from diffnnunet.cli import predict, train
-from tests.helpers import dataset_names, synthetic_cli_env
+from tests.helpers import STANDARD_IDS, dataset_names, module_cli_env
 
-IDS = {2: 851}
+IDS = {2: STANDARD_IDS[2]}
 NAMES = dataset_names(IDS)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet_ddp"), IDS,
-        [["-d", str(IDS[2]), "-c", "2d", "-np", "2", "-methods", "diff_unet"]],
-        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet_ddp"), "DiffnnUNetPlans", ids=IDS,
+                              sampling_steps=2, samples_per_step=2)
 
 
 def _train(*extra):
@@ -40,10 +38,17 @@ def _fold(env):
     return os.path.join(env["nnUNet_results"], NAMES[2], "DiffUNetTrainer__DiffnnUNetPlans__2d", "fold_0")
 
 
-def test_num_gpus_2_trains_and_resumes_on_cpu(env, capfd):
-    """One epoch on two ranks, then --continue for a second one."""
-    folder = _fold(env)
+@pytest.fixture(scope="module")
+def trained(env):
+    """Fold 0 after one epoch on two ranks (the resume test continues it to a second)."""
     _train("--epochs", "1")
+    return _fold(env)
+
+
+def test_num_gpus_2_trains_and_resumes_on_cpu(env, trained, capfd):
+    """One epoch on two ranks, then --continue for a second one."""
+    folder = trained
+    capfd.readouterr()
     first = torch.load(os.path.join(folder, "checkpoint_final.pth"), weights_only=False)
     _train("--epochs", "2", "--continue")
     out = capfd.readouterr().out  # the spawned ranks write to the inherited stdout
@@ -53,7 +58,7 @@ def test_num_gpus_2_trains_and_resumes_on_cpu(env, capfd):
     assert not any(k.startswith("module.") for k in final["network_weights"])  # loadable without DDP
     assert os.path.isfile(os.path.join(folder, "validation", "summary.json"))  # validation split over the ranks
     assert not [f for f in os.listdir(folder) if f.startswith(".partial_")]
-    assert out.count("rank 1 of 2 (local rank 1) on cpu, backend gloo") == 2, out[-3000:]
+    assert out.count("rank 1 of 2 (local rank 1) on cpu, backend gloo") == 1, out[-3000:]  # the resumed run
     assert "worker 1 batch_size 1" in out  # nnU-Net split the plans' batch of 2 over the ranks
 
 
@@ -71,9 +76,7 @@ def _read(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 
-def test_prediction_in_two_concurrent_parts_equals_one_run(env, tmp_path, capsys):
-    if not os.path.isfile(os.path.join(_fold(env), "checkpoint_final.pth")):
-        _train("--epochs", "1")
+def test_prediction_in_two_concurrent_parts_equals_one_run(env, trained, tmp_path, capsys):
     images = os.path.join(env["nnUNet_raw"], NAMES[2], "imagesTs")
     argv = ["-i", images, "-d", str(IDS[2]), "-tr", "DiffUNetTrainer", "-f", "0", "-device", "cpu",
             "--steps", "2", "--samples", "2", "--save_uncertainty", "-npp", "1", "-nps", "1"]

@@ -94,6 +94,39 @@ def test_sampler_seeded_regression():
 REGRESSION = [0.5512, 0.6808, 0.4284]
 
 
+def test_two_step_suf_sample_by_hand(monkeypatch):
+    """The whole sampler on a stub network with a known output, logit = 2 x_t + t / 10, T = 10 (linear betas
+    1e-4 .. 0.02): DDIM (eta 0) from x_9 = z to x_0 in the steps [9, 0], then Step-Uncertainty Fusion of the two
+    steps' sigmoids, computed here with scalar arithmetic per voxel and channel."""
+    from tests.conftest import ARCH_2D
+    m = _model(ARCH_2D, channels=1, classes=2, timesteps=10)
+    monkeypatch.setattr(m, "network_forward", lambda image, x_t, t, features=None: 2 * x_t + t.view(-1, 1, 1, 1) / 10)
+    image = torch.zeros(1, 1, 8, 8)
+    got = m.sample(image, steps=2, samples=1, generator=torch.Generator().manual_seed(3))
+    z = torch.randn((1, 2, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+
+    betas = [1e-4 + (0.02 - 1e-4) * i / 9 for i in range(10)]
+    abar9 = math.prod(1 - b for b in betas)
+    abar0 = 1 - betas[0]
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    def weight(p, i):  # w_i = exp(sigmoid(i / 2) (1 - u_i)), u_i = -p log p, two steps
+        return math.exp(sig(i / 2) * (1 + p * math.log(p)))
+
+    for c in range(2):
+        for (y, x) in [(0, 0), (5, 3)]:
+            x9 = z[0, c, y, x].item()
+            p1 = sig(2 * x9 + 0.9)
+            x0_hat = 2 * p1 - 1
+            eps = (x9 - math.sqrt(abar9) * x0_hat) / math.sqrt(1 - abar9)
+            x_0 = math.sqrt(abar0) * x0_hat + math.sqrt(1 - abar0) * eps
+            p2 = sig(2 * x_0)
+            w1, w2 = weight(p1, 1), weight(p2, 2)
+            assert got[0, c, y, x].item() == pytest.approx((w1 * p1 + w2 * p2) / (w1 + w2), rel=1e-5)
+
+
 def test_training_loss_is_eq3(arch, spatial):
     m = _model(arch)
     image = torch.randn(2, 2, *spatial)

@@ -13,9 +13,9 @@ import SimpleITK as sitk
 
 from diffnnunet.cli import apply_postprocessing, ensemble, find_best, predict, train
 from diffnnunet.inference.ensembling import pooled_uncertainty
-from tests.helpers import dataset_names, image_geometry, synthetic_cli_env
+from tests.helpers import STANDARD_IDS, dataset_names, image_geometry, module_cli_env
 
-IDS = {2: 851}
+IDS = {2: STANDARD_IDS[2]}
 NAME = dataset_names(IDS)[2]
 DATASET = str(IDS[2])
 MODELS = {"nnUNetTrainer": "nnUNetTrainer__nnUNetPlans__2d", "DiffUNetTrainer": "DiffUNetTrainer__DiffnnUNetPlans__2d"}
@@ -24,10 +24,9 @@ COMMANDS = {"diffnnunet_predict": predict.main, "diffnnunet_ensemble": ensemble.
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(tmp_path_factory.mktemp("nnunet"), IDS,
-                                 [["-d", DATASET, "-c", "2d", "-np", "2", "-methods", "diff_unet"]],
-                                 "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet"), "DiffnnUNetPlans", ids=IDS,
+                              sampling_steps=2, samples_per_step=2)
 
 
 @pytest.fixture(scope="module")

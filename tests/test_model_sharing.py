@@ -10,19 +10,18 @@ import pytest
 import SimpleITK as sitk
 
 from diffnnunet.cli import model_sharing, predict, train
-from tests.helpers import ENV_KEYS, dataset_names, synthetic_cli_env
+from tests.helpers import ENV_KEYS, STANDARD_IDS, dataset_names, module_cli_env
 
-IDS = {2: 841}
+IDS = {2: STANDARD_IDS[2]}
 NAMES = dataset_names(IDS)
 TRAINER = "DiffUNetTrainer"
 MODEL = f"{TRAINER}__DiffnnUNetPlans__2d"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("nnunet"), IDS, [["-d", str(IDS[2]), "-c", "2d", "-np", "2", "-methods", "diff_unet"]],
-        "DiffnnUNetPlans", sampling_steps=2, samples_per_step=2)
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("nnunet"), "DiffnnUNetPlans", ids=IDS,
+                              sampling_steps=2, samples_per_step=2)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ def test_export_install_predict_from_model_folder(trained, tmp_path, monkeypatch
         assert json.load(a) == json.load(b)
 
     images = os.path.join(trained["nnUNet_raw"], NAMES[2], "imagesTs")
-    common = ["-i", images, "-device", "cpu", "--seed", "7", "--save_uncertainty", "-npp", "1", "-nps", "1"]
+    common = ["-i", images, "-device", "cpu", "--seed", "7", "--save_uncertainty", "-npp", "0"]
     monkeypatch.setenv("nnUNet_results", trained["nnUNet_results"])
     predict.main([*common, "-o", str(tmp_path / "a"), "-d", str(IDS[2]), "-tr", TRAINER])
     for key in ENV_KEYS:

@@ -11,20 +11,16 @@ import pytest
 import torch
 
 from diffnnunet.cli import evaluate, predict, train, tune_sampling
-from tests.helpers import CONFIG, dataset_names, synthetic_cli_env
+from tests.helpers import CONFIG, ZERO_BACKGROUND_IDS, dataset_names, module_cli_env
 
-IDS = {2: 871, 3: 872}
+IDS = ZERO_BACKGROUND_IDS
 NAMES = dataset_names(IDS)
 TRAINER, PLANS = "DiffUNetTrainer", "DiffnnUNetPlans"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    yield from synthetic_cli_env(
-        tmp_path_factory.mktemp("zero_bg"), IDS,
-        [["-d", str(IDS[2]), "-c", "2d", "-np", "2", "-methods", "diff_unet"],
-         ["-d", str(IDS[3]), "-c", "3d_fullres", "-np", "2", "-methods", "diff_unet"]],
-        PLANS, dataset_kwargs={"zero_background": True})
+def env(planned, tmp_path_factory):
+    yield from module_cli_env(planned, tmp_path_factory.mktemp("zero_bg"), ids=IDS)
 
 
 def _model_folder(env, dim):
@@ -52,8 +48,23 @@ def _hand_dice_and_ece(logits: torch.Tensor, seg_with_minus_one: np.ndarray) -> 
     return float(np.mean(dices)), float(ece)
 
 
+@pytest.fixture(scope="module")
+def trained(env):
+    """``trained(dim)`` -> the model folder of DiffUNetTrainer fold 0, trained once (1 epoch x 2 iterations) with
+    the default end-of-training tuning on one validation case; train exits 0."""
+    done = {}
+
+    def get(dim):
+        if dim not in done:
+            train.main([str(IDS[dim]), TRAINER, "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch",
+                        "2", "--val-iterations", "1", "--tune-max-cases", "1"])
+            done[dim] = _model_folder(env, dim)
+        return done[dim]
+    return get
+
+
 @pytest.mark.parametrize("dim", [2, 3], ids=["2d", "3d"])
-def test_zero_background_plan_train_tune_predict_evaluate(env, dim, tmp_path):
+def test_zero_background_plan_train_tune_predict_evaluate(env, trained, dim, tmp_path):
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from diffnnunet.inference import DiffusionPredictor
@@ -64,10 +75,8 @@ def test_zero_background_plan_train_tune_predict_evaluate(env, dim, tmp_path):
     dataset = infer_dataset_class(data_folder)(data_folder)
     assert all((np.asarray(dataset.load_case(k)[1][:]) < 0).any() for k in dataset.identifiers), \
         "precondition: preprocessing wrote -1 outside the body"
-    train.main([str(IDS[dim]), TRAINER, "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
-                "--val-iterations", "1", "--tune-max-cases", "1"])  # default tuning; exit 0
+    folder = trained(dim)  # default tuning; exit 0
     data, seg = (np.asarray(a[:]) for a in dataset.load_case(validation_keys(pre, 0)[0])[:2])
-    folder = _model_folder(env, dim)
     tuned = json.load(open(os.path.join(folder, "sampling.json")))
     assert tuned["cases"] == 1 and tuned["calibration"]["temperature"] > 0
     rows = {(r["steps"], r["samples"]): r for r in tuned["grid"]}
@@ -83,7 +92,7 @@ def test_zero_background_plan_train_tune_predict_evaluate(env, dim, tmp_path):
     raw = os.path.join(env["nnUNet_raw"], NAMES[dim])
     pred = str(tmp_path / "pred")
     predict.main(["-i", os.path.join(raw, "imagesTs"), "-o", pred, "-d", str(IDS[dim]), "-tr", TRAINER, "-f", "0",
-                  "-device", "cpu", "--save_uncertainty", "--save_probabilities"])
+                  "-npp", "0", "-device", "cpu", "--save_uncertainty", "--save_probabilities"])
     evaluate.main(["-ref", os.path.join(raw, "labelsTs"), "-pred", pred, "-djfile", os.path.join(pred,
                    "dataset.json"), "-o", str(tmp_path / "summary.json")])
     summary = json.load(open(tmp_path / "summary.json"))
@@ -108,16 +117,23 @@ def test_zero_background_plan_train_tune_predict_evaluate(env, dim, tmp_path):
     assert summary["uncertainty"]["ECE"] == pytest.approx(ece, abs=1e-6)
 
 
-def test_failed_tuning_keeps_the_model_and_names_the_retry(env, capsys, monkeypatch):
+def test_failed_tuning_keeps_the_model_and_names_the_retry(env, trained, capsys, monkeypatch):
+    """The shared model's sampling.json is put back afterwards: the test leaves nothing changed."""
+    folder = trained(2)
+    kept = open(os.path.join(folder, "sampling.json"), "rb").read()
+    try:
+        _failed_tuning(env, folder, capsys, monkeypatch)
+    finally:
+        with open(os.path.join(folder, "sampling.json"), "wb") as f:
+            f.write(kept)
+
+
+def _failed_tuning(env, folder, capsys, monkeypatch):
     from argparse import Namespace
 
     from diffnnunet.cli import tune_sampling as tune_module
     from diffnnunet.cli.common import UserError
     from diffnnunet.cli.train import load_trainer, tune_after_training
-    folder = _model_folder(env, 2)
-    if not os.path.isfile(os.path.join(folder, "fold_0", "checkpoint_final.pth")):
-        train.main([str(IDS[2]), TRAINER, "0", "-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2",
-                    "--val-iterations", "1", "--no-tune"])
     before = os.path.getmtime(os.path.join(folder, "fold_0", "checkpoint_final.pth"))
     if os.path.isfile(os.path.join(folder, "sampling.json")):
         os.remove(os.path.join(folder, "sampling.json"))
