@@ -143,7 +143,7 @@ DEFAULT_DIFFUSION = {
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the configured recipe without the weight EMA: on the demo (two runs each, same plans) the EMA weights gave
         # test Dice 0.863 and 0.866, the raw weights 0.897 and 0.890, uncertainty AUROC 0.925-0.931 against
-        # 0.933-0.940 (benchmarks.md, "EMA ablation (stop 25)")
+        # 0.933-0.940 (benchmarks.md, "EMA ablation, 2026-12-02")
         "default_recipe": {"ema": {"enabled": False}},
         # the paper: AdamW, initial lr 1e-4, batch 32, 100 sampling steps x 10 samples fused by STAPLE
         # (Sec. "Implementation details"), eps-prediction, every deviation switched off
