@@ -19,7 +19,7 @@ setup(
     extras_require={
         "nnunet": ["nnunetv2==2.8.1", "dynamic-network-architectures>=0.4.4,<0.5"],
         "demo": ["nilearn>=0.10"],
-        "test": ["pytest>=7", "ruff"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff"],
     },
     entry_points={"console_scripts": [
         "diffnnunet_plan_and_preprocess=diffnnunet.cli.plan_and_preprocess:main",

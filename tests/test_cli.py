@@ -409,7 +409,7 @@ def test_sigkill_mid_epoch_then_continue(env, trainer, plans):
     from diffnnunet.utils import load_checkpoint_safely
     fold = os.path.join(env["nnUNet_results"], NAMES[2], f"{trainer}__{plans}__2d", "fold_3")
     argv = [sys.executable, "-m", "diffnnunet.cli.train", str(IDS[2]), trainer, "3", "-device", "cpu", "--epochs",
-            "3", "--iterations-per-epoch", "30", "--val-iterations", "1", "--no-tune"]
+            "3", "--iterations-per-epoch", "10", "--val-iterations", "1", "--no-tune"]
     proc = subprocess.Popen(argv, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = os.path.join(fold, "checkpoint_latest.pth")

@@ -10,7 +10,7 @@ import torch
 
 from diffnnunet.config import DEFAULT_DIFFUSION, DEFAULT_RECIPE, resolve_diffusion, training_recipe
 from diffnnunet.trainers.ema import WeightEMA, ema_decay
-from tests.helpers import synthetic_cli_env
+from tests.helpers import STANDARD_IDS, dataset_names, module_cli_env
 
 
 @pytest.mark.parametrize("total, fraction, expected", [
@@ -132,16 +132,19 @@ PLANS = {"diff_unet": "DiffnnUNetPlans", "berdiff": "BerDiffPlans", "ldseg": "LD
 
 
 @pytest.fixture(scope="module")
-def paper_plans(tmp_path_factory):
-    """Dataset 861 (2D) planned, not preprocessed, with every method under --recipe paper."""
-    yield from synthetic_cli_env(tmp_path_factory.mktemp("recipe"), {2: 861},
-                                 [["-d", "861", "-c", "2d", "-np", "2", "--no_pp", "--no_baseline", "--recipe",
-                                   "paper", "-methods", *sorted(PLANS)]], "DiffnnUNetPlans")
+def paper_plans(planned, tmp_path_factory):
+    """A copy of the session's 2D dataset re-planned (its fingerprint kept, not preprocessed again) with every
+    method under --recipe paper."""
+    from diffnnunet.cli import plan_and_preprocess
+    for paths in module_cli_env(planned, tmp_path_factory.mktemp("recipe")):
+        plan_and_preprocess.main(["-d", str(STANDARD_IDS[2]), "-c", "2d", "-np", "2", "--no_pp", "--no_baseline",
+                                  "--recipe", "paper", "-methods", *sorted(PLANS)])
+        yield paths
 
 
 @pytest.mark.parametrize("method", sorted(PLANS))
 def test_plan_with_recipe_paper_holds_every_published_value(paper_plans, method):
-    folder = os.path.join(paper_plans["nnUNet_preprocessed"], "Dataset861_Synthetic2D")
+    folder = os.path.join(paper_plans["nnUNet_preprocessed"], dataset_names(STANDARD_IDS)[2])
     with open(os.path.join(folder, PLANS[method] + ".json")) as f:
         section = json.load(f)["configurations"]["2d"]["diffusion"]
     assert section["method"] == method and section["recipe"] == "paper"
@@ -174,4 +177,4 @@ def test_tuning_keeps_the_paper_budget(tmp_path, monkeypatch):
     summary = tune_sampling(str(tmp_path), str(tmp_path / "pre"), [0], calibration=False)
     assert (summary["sampling_steps"], summary["samples_per_step"], summary["budget"]) == (100, 10, "plans")
     assert "grid" not in summary and summary["cases"] == 2
-    assert load_tuned_sampling(str(tmp_path)) == {"sampling_steps": 100, "samples_per_step": 10}
+    assert load_tuned_sampling(str(tmp_path)) == {"sampling_steps": 100, "samples_per_step": 10, "budget": "plans"}
