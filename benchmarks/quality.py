@@ -189,7 +189,7 @@ def summarise(runs: list, spread: str = "half-range",
         lines.append(f"{trainer:>16s} {'x' + str(budget):>6s} {len(rs):5d} " + " ".join(cells))
     gaps, ratios = [], []
     for (trainer, budget), _ in groups.items():
-        if trainer == BASELINE or (BASELINE, budget) not in groups:
+        if trainer == BASELINE or (BASELINE, budget) not in groups or not {"Dice", "ECE"} <= set(keys):
             continue
         gaps.append(means[(trainer, budget, "Dice")] - means[(BASELINE, budget, "Dice")])
         base_ece = means[(BASELINE, budget, "ECE")]
