@@ -67,6 +67,23 @@ def partial_path(path: str) -> str:
 
 
 @contextmanager
+def atomic_outputs():
+    """Several output files, all or none: yields a list to which the block appends each final path before writing
+    it to ``partial_path(path)``; when the block succeeds every file is renamed into place in the order appended
+    (append the file whose presence marks a finished output last), and whatever was left under a partial name is
+    removed, also when the block raises."""
+    written = []
+    try:
+        yield written
+        for path in written:
+            os.replace(partial_path(path), path)
+    finally:
+        for path in written:
+            if os.path.exists(partial_path(path)):
+                os.remove(partial_path(path))
+
+
+@contextmanager
 def swapped(module, name: str, value):
     """Temporarily replace ``module.name``: the one seam used where nnU-Net hard-codes a class or function
     inside a long method (``perform_actual_validation`` builds a stock predictor, for example)."""

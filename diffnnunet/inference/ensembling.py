@@ -22,7 +22,7 @@ from itertools import starmap
 
 import numpy as np
 
-from diffnnunet.utils import partial_path
+from diffnnunet.utils import atomic_outputs, partial_path
 
 
 def jensen_shannon(probabilities: list, has_regions: bool) -> np.ndarray:
@@ -58,10 +58,10 @@ def merge_case(list_of_files, output_filename_truncated: str, output_file_ending
     (float32, the geometry of the members' ``.pkl``) and, with ``save_probabilities`` (or
     ``always_save_probabilities``, which the cross-validation ensembles use for their ECE), ``.npz``/``.pkl``.
     Every file goes through a temporary name, the segmentation renamed last."""
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle, save_pickle
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.ensembling.ensemble import average_probabilities
 
-    from diffnnunet.inference.export import write_float_image
+    from diffnnunet.inference.export import write_float_image, write_probabilities
 
     properties = load_pickle(list_of_files[0][:-4] + ".pkl")
     probabilities = average_probabilities(list_of_files)
@@ -81,25 +81,14 @@ def merge_case(list_of_files, output_filename_truncated: str, output_file_ending
     pooled = pooled_uncertainty(members, maps, label_manager.has_regions)
     segmentation = label_manager.convert_probabilities_to_segmentation(probabilities)
     seg_file = output_filename_truncated + output_file_ending
-    written = []
-    try:
+    with atomic_outputs() as written:
         if save_probabilities or always_save_probabilities:
-            npz, pkl = output_filename_truncated + ".npz", output_filename_truncated + ".pkl"
-            written += [npz, pkl]
-            with open(partial_path(npz), "wb") as f:  # a file object: numpy must not append its own suffix
-                np.savez_compressed(f, probabilities=probabilities)
-            save_pickle(properties, partial_path(pkl))
+            write_probabilities(output_filename_truncated, probabilities, properties, written)
         unc = uncertainty_file(output_filename_truncated, output_file_ending)
         written.append(unc)
         write_float_image(pooled, partial_path(unc), properties)
         written.append(seg_file)
         image_reader_writer.write_seg(segmentation, partial_path(seg_file), properties)
-        for path in written:
-            os.replace(partial_path(path), path)
-    finally:
-        for path in written:
-            if os.path.exists(partial_path(path)):
-                os.remove(partial_path(path))
 
 
 class _SerialPool:

@@ -3,8 +3,6 @@ name and renamed, so an interrupted run never leaves a half-written output (``--
 whatever exists). Optionally writes ``CASE_uncertainty`` beside ``CASE``."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import SimpleITK as sitk
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
@@ -13,7 +11,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 
 from diffnnunet.config import UNCERTAINTY_SUFFIX
 from diffnnunet.evaluation.uncertainty import normalized_entropy
-from diffnnunet.utils import partial_path
+from diffnnunet.utils import atomic_outputs, partial_path
 
 __all__ = ["UNCERTAINTY_SUFFIX", "normalized_entropy", "export_prediction_atomically"]
 
@@ -49,6 +47,16 @@ def write_float_image(array: np.ndarray, fname: str, properties: dict) -> None:
     sitk.WriteImage(image, fname, True)
 
 
+def write_probabilities(output_truncated: str, probabilities: np.ndarray, properties: dict, written: list) -> None:
+    """nnU-Net's ``CASE.npz`` (``probabilities`` ``(C, *spatial)``) and ``CASE.pkl`` under their partial names,
+    appended to ``written`` (:func:`~diffnnunet.utils.atomic_outputs`)."""
+    npz, pkl = output_truncated + ".npz", output_truncated + ".pkl"
+    written += [npz, pkl]
+    with open(partial_path(npz), "wb") as f:  # a file object: numpy must not append its own suffix
+        np.savez_compressed(f, probabilities=probabilities)
+    save_pickle(properties, partial_path(pkl))
+
+
 def export_prediction_atomically(predicted_logits, properties: dict, configuration_manager, plans_manager,
                                  dataset_json, output_file_truncated: str, save_probabilities: bool = False,
                                  save_uncertainty: bool = False) -> None:
@@ -68,14 +76,9 @@ def export_prediction_atomically(predicted_logits, properties: dict, configurati
         return_probabilities=need_probs)
     segmentation, probabilities = ret if need_probs else (ret, None)
     ending = dataset_json["file_ending"]
-    written = []  # final paths, each first written as partial_path(path)
-    try:
+    with atomic_outputs() as written:
         if save_probabilities:
-            npz, pkl = output_file_truncated + ".npz", output_file_truncated + ".pkl"
-            written += [npz, pkl]
-            with open(partial_path(npz), "wb") as f:  # a file object: numpy must not append its own suffix
-                np.savez_compressed(f, probabilities=probabilities)
-            save_pickle(properties, partial_path(pkl))
+            write_probabilities(output_file_truncated, probabilities, properties, written)
         if save_uncertainty:
             unc = output_file_truncated + UNCERTAINTY_SUFFIX + ending
             written.append(unc)
@@ -85,9 +88,3 @@ def export_prediction_atomically(predicted_logits, properties: dict, configurati
         seg_file = output_file_truncated + ending
         written.append(seg_file)  # renamed last: the segmentation's presence marks a finished case
         plans_manager.image_reader_writer_class().write_seg(segmentation, partial_path(seg_file), properties)
-        for path in written:
-            os.replace(partial_path(path), path)
-    finally:
-        for path in written:
-            if os.path.exists(partial_path(path)):
-                os.remove(partial_path(path))
