@@ -5,6 +5,7 @@ import os
 import shutil
 from contextlib import contextmanager
 
+import pytest
 import SimpleITK as sitk
 
 from diffnnunet.cli import plan_and_preprocess
@@ -93,6 +94,19 @@ def update_plans(plans_file: str, diffusion: dict) -> None:
             cfg["diffusion"].update(diffusion)
     with open(plans_file, "w") as f:
         json.dump(plans, f)
+
+
+def fail_one_line(main, argv, capsys) -> str:
+    """Run a CLI ``main(argv)`` that must fail: non-zero exit, no traceback, and the last stderr line (progress bars
+    may precede it) is its one ``PROG: error: ...`` line, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert ": error: " in last, err
+    return last
 
 
 def image_geometry(path):

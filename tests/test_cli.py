@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from diffnnunet.cli import predict, train
 from tests.helpers import CONFIG, STANDARD_IDS, dataset_names, image_geometry, module_cli_env
+from tests.helpers import fail_one_line as _fail
 
 IDS = STANDARD_IDS
 NAMES = dataset_names(IDS)
@@ -25,15 +26,6 @@ def env(planned, tmp_path_factory):
         ema={"enabled": True, "horizon_fraction": 5.0, "max_decay": 0.9999})
 
 
-def _fail(main, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code != 0
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]  # the one error line (progress bars may precede it on stderr)
-    assert ": error: " in last, err
-    return last
 
 
 #: the models several tests predict with or start from: name -> (dim, trainer, fold, end-of-training tuning)
@@ -232,6 +224,7 @@ def test_training_errors(env, capsys):
 
 
 def test_prediction_errors(env, trained, tmp_path, capsys):
+    trained("diff3d")  # a model to predict with (its folder has fold_0 only)
     images = os.path.join(env["nnUNet_raw"], NAMES[3], "imagesTs")
     err = _fail(predict.main, ["-i", images, "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",
                                "DiffUNetTrainer", "-f", "4", "-device", "cpu"], capsys)
@@ -239,7 +232,6 @@ def test_prediction_errors(env, trained, tmp_path, capsys):
     err = _fail(predict.main, ["-i", images, "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",
                                "DiffusionTrainer"], capsys)
     assert "no trained" in err
-    trained("diff3d")  # a model to predict with
 
     def run(folder):
         return _fail(predict.main, ["-i", str(folder), "-o", str(tmp_path / "o"), "-d", str(IDS[3]), "-tr",

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from diffnnunet.cli import apply_postprocessing, ensemble, find_best, predict, train
 from diffnnunet.inference.ensembling import pooled_uncertainty
-from tests.helpers import STANDARD_IDS, dataset_names, image_geometry, module_cli_env
+from tests.helpers import STANDARD_IDS, dataset_names, fail_one_line, image_geometry, module_cli_env
 
 IDS = {2: STANDARD_IDS[2]}
 NAME = dataset_names(IDS)[2]
@@ -54,13 +54,7 @@ def report(trained):
 
 
 def _fail(argv, capsys, main=find_best.main):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code != 0 and "Traceback" not in err, err
-    last = err.splitlines()[-1]
-    assert ": error: " in last, err
-    return last
+    return fail_one_line(main, argv, capsys)
 
 
 def _entropy(p):

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from diffnnunet.cli import model_sharing, predict, train
 from tests.helpers import ENV_KEYS, STANDARD_IDS, dataset_names, module_cli_env
+from tests.helpers import fail_one_line as _fail
 
 IDS = {2: STANDARD_IDS[2]}
 NAMES = dataset_names(IDS)
@@ -33,15 +34,6 @@ def trained(env):
     return env
 
 
-def _fail(main, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code != 0
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]
-    assert ": error: " in last, err
-    return last
 
 
 def _arrays(folder):
