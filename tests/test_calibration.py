@@ -212,6 +212,22 @@ def test_error_map_ranks_errors_across_labels():
                                                + 1e-4 * 0.3) / (1 + 1e-4), rtol=1e-6)
 
 
+def test_error_map_keeps_the_margin_control_when_the_map_wins():
+    """200 voxels of one label, the last 100 wrong. The map separates them (u = 0.1 / 0.9); the margin h
+    alternates 0.3 / 0.6 and carries no information (50 of the 100 voxels at each h are wrong). The map wins and
+    the margin's curve is kept as ``control``, by hand: rate r = 1/2, each bin (50 + 10 r) / (100 + 10) = 1/2.
+    With the roles swapped the margin wins and is itself the control (no ``control`` entry)."""
+    wrong = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    u = np.where(wrong, 0.9, 0.1)
+    h = np.tile([0.3, 0.6], 100)
+    fit = fit_error_map([_voxels(np.ones(200), u, wrong, h)], "entropy")
+    assert fit["inputs"] == "map" and fit["validation_auroc"]["map"] > fit["validation_auroc"]["confidence"]
+    np.testing.assert_allclose(fit["control"]["labels"]["1"]["u"], [0.3, 0.6])
+    np.testing.assert_allclose(fit["control"]["labels"]["1"]["error"], [0.5, 0.5])
+    swapped = fit_error_map([_voxels(np.ones(200), h, wrong, u)], "entropy")
+    assert swapped["inputs"] == "confidence" and "control" not in swapped
+
+
 def test_predictor_writes_the_error_map_only_for_its_measure():
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 

@@ -210,10 +210,13 @@ def fit_error_map(samples: list, measure: str) -> dict:
     """``samples``: per case (labels ``(n,)``, map ``(n,)`` or None, wrong ``(n,)``, h ``(n,)`` or None), the
     predicted labels, the chains' native map, the errors and the exported probabilities' margin complement
     (:func:`exported_margin`) at the same voxels -> ``{"measure", "inputs", "pooled": curve, "labels": {label:
-    curve}, "validation_auroc": {input: AUROC}}``: the curves (:func:`_isotonic_curve`, per predicted label and
-    ``pooled`` for labels never predicted on the validation cases) of the input chosen by its held-out AUROC
-    (module docstring), refitted on every case. ``inputs`` is ``map`` when there is no h and ``confidence`` when
-    there is no map (the stock nnU-Net model)."""
+    curve}, "validation_auroc": {input: AUROC}[, "control": curves]}``: the curves (:func:`_isotonic_curve`, per
+    predicted label and ``pooled`` for labels never predicted on the validation cases) of the input chosen by
+    its held-out AUROC (module docstring), refitted on every case. ``inputs`` is ``map`` when there is no h and
+    ``confidence`` when there is no map (the stock nnU-Net model). When the map wins, ``control`` keeps the
+    margin's curves as well (never applied by the predictor): the control a benchmark scores the exported map
+    against (the margin recalibrated per predicted label the same way); when the margin wins, the error map is
+    the control."""
     from diffnnunet.evaluation.uncertainty import auroc_from_histograms, uncertainty_counts
     column = {"map": 1, "confidence": 3}  # each input's place in a sample
     available = [name for name, i in column.items() if _concat(samples, i) is not None]
@@ -234,8 +237,11 @@ def fit_error_map(samples: list, measure: str) -> dict:
     inputs = available[0] if len(available) == 1 else (
         "map" if not held_out["confidence"] > held_out["map"] else "confidence")
     labels, wrong = _concat(samples, 0), _concat(samples, 2)
-    return {"measure": measure, "inputs": inputs, **_curves(_concat(samples, column[inputs]), labels, wrong),
-            "validation_auroc": held_out}
+    fit = {"measure": measure, "inputs": inputs, **_curves(_concat(samples, column[inputs]), labels, wrong),
+           "validation_auroc": held_out}
+    if inputs != "confidence" and "confidence" in available:
+        fit["control"] = _curves(_concat(samples, column["confidence"]), labels, wrong)
+    return fit
 
 
 def upgrade_error_map(error_map: dict) -> dict:
