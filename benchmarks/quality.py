@@ -13,14 +13,8 @@ Default data: the demo's (2D ICBM152 slices, generated in --workdir, training an
 ``--set KEY=VALUE`` overrides a diffusion plans key of every diffusion trainer for the whole run (dotted keys
 reach into sections: ``--set ema.enabled=false optimizer.initial_lr=1e-4``): the ablation switch.
 
-``--suite`` is the development benchmark suite: every trainer through the default command lines
-(``diffnnunet_plan_and_preprocess``, ``diffnnunet_train`` with its end-of-training tuning and calibration,
-``diffnnunet_predict --save_uncertainty --save_probabilities``, ``diffnnunet_evaluate``), each in its own process, on
-four datasets built from data that ships inside packages (diffnnunet/datasets/subjects.py): ``brain3d`` (3D,
-independent warped subjects), ``skullstripped2d`` (zero background outside the brain), ``nuclei2d`` (four labels, two
-small) and ``demo``; three training seeds (``--seed``) by default; one table per dataset with mean ± sd over seeds
-and the worst Dice gap / ECE ratio against nnUNetTrainer. Runs already in ``--workdir`` are reused, so an
-interrupted suite continues where it stopped.
+``--suite`` is the development benchmark suite (benchmarks/suite.py: four datasets, three seeds, every trainer
+through the default command lines, with the raw / exported / control uncertainty AUROCs).
 
 The last lines are ``worst_dice_gap=G worst_ece_ratio=R``: over the diffusion trainers and budgets (means over
 seeds), the minimum of (trainer Dice - nnUNetTrainer Dice) and the maximum of trainer ECE / nnUNetTrainer ECE.
@@ -36,18 +30,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.suite import BASELINE, SUITE, run_suite, summarise, validation_figures  # noqa: E402, F401
 from diffnnunet.utils import merge_nested as merge  # noqa: E402  (the plans section and the --set overrides)
-
-BASELINE = "nnUNetTrainer"
-#: the suite's datasets: (dataset id, configuration); the subjects' are built by diffnnunet.datasets.subjects
-SUITE = {"brain3d": (981, "3d_fullres"), "skullstripped2d": (982, "2d"), "nuclei2d": (983, "2d"), "demo": (990, "2d")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,152 +152,6 @@ def prepare(args) -> dict:
     return {"device": device, "dataset": dataset, "images": os.path.join(raw, "imagesTs"),
             "labels": os.path.join(raw, "labelsTs"), "ending": dj["file_ending"],
             "labels_or_regions": lm.foreground_regions if lm.has_regions else lm.foreground_labels}
-
-
-def summarise(runs: list, spread: str = "half-range",
-              keys=("Dice", "HD95", "NSD", "ECE", "AUROC", "train_s", "predict_s")) -> tuple[str, float, float]:
-    """Mean and half-range (or ``spread="sd"``: sample standard deviation, 0 for one seed) over seeds per (trainer,
-    budget) of ``keys``; the worst gaps against the baseline."""
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["trainer"], r["budget"]), []).append(r)
-    lines = [f"{'trainer':>16s} {'budget':>6s} {'seeds':>5s} " + " ".join(f"{k:>15s}" for k in keys)]
-    means = {}
-    for (trainer, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != BASELINE, kv[0][0])):
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            mean = statistics.fmean(vals) if vals else float("nan")
-            if spread == "sd":
-                width = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            else:
-                width = (max(vals) - min(vals)) / 2 if vals else float("nan")
-            means[(trainer, budget, k)] = mean
-            cells.append(f"{mean:8.4f}±{width:6.4f}" if k not in ("train_s", "predict_s")
-                         else f"{mean:9.1f}±{width:5.1f}")
-        lines.append(f"{trainer:>16s} {'x' + str(budget):>6s} {len(rs):5d} " + " ".join(cells))
-    gaps, ratios = [], []
-    for (trainer, budget), _ in groups.items():
-        if trainer == BASELINE or (BASELINE, budget) not in groups or not {"Dice", "ECE"} <= set(keys):
-            continue
-        gaps.append(means[(trainer, budget, "Dice")] - means[(BASELINE, budget, "Dice")])
-        base_ece = means[(BASELINE, budget, "ECE")]
-        ratios.append(means[(trainer, budget, "ECE")] / base_ece if base_ece else float("inf"))
-    return "\n".join(lines), (min(gaps) if gaps else float("nan")), (max(ratios) if ratios else float("nan"))
-
-
-def _cli(module: str, argv: list, env: dict, log) -> float:
-    """``python -m diffnnunet.cli.<module> argv`` in its own process (the default command line); seconds. A
-    failure stops the suite with the command's last error line."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", f"diffnnunet.cli.{module}", *map(str, argv)], env=env,
-                          stdout=log, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"suite: diffnnunet.cli.{module} {' '.join(map(str, argv))} failed: {last}")
-    return time.perf_counter() - start
-
-
-def make_suite_dataset(name: str, raw_root: str) -> str:
-    """The raw folder of a suite dataset (built once)."""
-    from diffnnunet.datasets.icbm152 import make_icbm152_dataset
-    from diffnnunet.datasets.subjects import SUITE_DATASETS, make_subjects_dataset
-    if name == "demo":
-        return make_icbm152_dataset(raw_root, SUITE["demo"][0])
-    return make_subjects_dataset(raw_root, **SUITE_DATASETS[name])
-
-
-def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log) -> dict:
-    """One trainer, one seed on one suite dataset through the command lines: train (default tuning), predict,
-    evaluate; the row of :func:`summarise`."""
-    dataset_id, configuration = SUITE[name]
-    env = dict(env, nnUNet_results=os.path.join(os.path.dirname(env["nnUNet_results"]), f"nnUNet_results_s{seed}"))
-    t_train = _cli("train", [dataset_id, trainer, 0, "-c", configuration, "--epochs", args.epochs,
-                             "--iterations-per-epoch", args.iterations_per_epoch, "--val-iterations",
-                             args.val_iterations, "--seed", seed, "-device", args.device], env, log)
-    out = os.path.join(args.workdir, name, "predictions", f"{trainer}_s{seed}")
-    shutil.rmtree(out, ignore_errors=True)
-    t_pred = _cli("predict", ["-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", dataset_id, "-tr", trainer, "-f",
-                              0, "-c", configuration, "--save_uncertainty", "--save_probabilities", "-device",
-                              args.device], env, log)
-    _cli("evaluate", ["-ref", os.path.join(raw, "labelsTs"), "-pred", out, "-djfile",
-                      os.path.join(out, "dataset.json"), "-o", os.path.join(out, "summary.json")], env, log)
-    s = json.load(open(os.path.join(out, "summary.json")))
-    fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
-    return {"dataset": name, "trainer": trainer, "budget": 1, "seed": seed, "Dice": fg["Dice"], "HD95": fg["HD95"],
-            "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
-            "train_s": t_train, "predict_s": t_pred,
-            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()},
-            **validation_figures(os.path.join(env["nnUNet_results"], os.path.basename(raw)), trainer, configuration)}
-
-
-def validation_figures(results: str, trainer: str, configuration: str) -> dict:
-    """What the protocol chooses defaults on: fold 0's validation figures of a trained model, from nnU-Net's
-    validation summary (``val_Dice``: foreground mean Dice of the final validation) and the tuning's sampling.json
-    (``val_ECE`` after the temperature, ``val_AUROC``: the error map's held-out AUROC; the budget it chose)."""
-    from diffnnunet.trainers import default_plans_for, get_trainer_class
-    folder = os.path.join(results, f"{trainer}__{default_plans_for(get_trainer_class(trainer))}__{configuration}")
-    out = {}
-    summary = os.path.join(folder, "fold_0", "validation", "summary.json")
-    if os.path.isfile(summary):
-        out["val_Dice"] = json.load(open(summary))["foreground_mean"]["Dice"]
-    tuned = os.path.join(folder, "sampling.json")
-    if os.path.isfile(tuned):
-        t = json.load(open(tuned))
-        cal = t.get("calibration") or {}
-        out.update(val_ECE=cal.get("ece_after"), val_AUROC=(cal.get("error_map") or {}).get("auroc_after"),
-                   budget_tuned=[t["sampling_steps"], t["samples_per_step"]] if "sampling_steps" in t else None,
-                   error_map_input=(cal.get("error_map") or {}).get("inputs"))
-    return out
-
-
-def run_suite(args, trainers: list) -> None:
-    """Every dataset of ``args.datasets``, every trainer, every seed (module docstring); one table per dataset."""
-    seeds = args.seeds if args.seeds_given else [0, 1, 2]
-    all_runs = []
-    for name in args.datasets:
-        root = os.path.abspath(os.path.join(args.workdir, name))
-        env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
-                   nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
-                   nnUNet_results=os.path.join(root, "nnUNet_results"), nnUNet_n_proc_DA="2",
-                   nnUNet_def_n_proc="2")
-        for k in ("nnUNet_raw", "nnUNet_preprocessed"):
-            os.makedirs(env[k], exist_ok=True)
-        os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-        with open(os.path.join(root, "commands.log"), "a") as log:
-            dataset_id, configuration = SUITE[name]
-            raw = [os.path.join(env["nnUNet_raw"], d) for d in os.listdir(env["nnUNet_raw"])
-                   if d.startswith(f"Dataset{dataset_id:03d}_")]
-            raw = raw[0] if raw else make_suite_dataset(name, env["nnUNet_raw"])
-            if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw),
-                                              f"nnUNetPlans_{configuration}")):
-                _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
-            for seed in seeds:
-                for trainer in trainers:
-                    done = os.path.join(root, "runs", f"{trainer}_s{seed}.json")
-                    if os.path.isfile(done):
-                        all_runs.append(json.load(open(done)))
-                        continue
-                    start = time.perf_counter()
-                    row = suite_run(name, trainer, seed, args, raw, env, log)
-                    os.makedirs(os.path.dirname(done), exist_ok=True)
-                    with open(done, "w") as f:
-                        json.dump(row, f, indent=2)
-                    all_runs.append(row)
-                    print(f"[{name}] {trainer} seed {seed}: Dice {row['Dice']:.4f} HD95 {row['HD95']:.2f} ECE "
-                          f"{row['ECE'] or float('nan'):.4f} AUROC {row['AUROC'] or float('nan'):.4f} "
-                          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": all_runs}, f, indent=2)
-    print(f"\n== suite: {args.epochs} x {args.iterations_per_epoch} iterations, fold 0, seeds {seeds}; mean ± sd "
-          "over seeds")
-    for name in args.datasets:
-        runs = [r for r in all_runs if r["dataset"] == name]
-        table, gap, ratio = summarise(runs, spread="sd")
-        validation = summarise(runs, spread="sd", keys=("val_Dice", "val_ECE", "val_AUROC"))[0]
-        print(f"\n-- {name}: test cases\n{table}\nworst_dice_gap={gap:.4f} worst_ece_ratio={ratio:.3f}\n"
-              f"-- {name}: fold 0 validation cases (what defaults are chosen on)\n{validation}")
 
 
 def main(argv=None) -> None:

@@ -145,6 +145,17 @@ def test_evaluate_cli_uncertainty_keys_and_plots(folders, capsys):
     u = np.concatenate([read[f"u{i}"] for i in range(3)])
     assert unc["AUROC_uncertainty_vs_error"] == pytest.approx(roc_auc_score(wrong, u), abs=1e-12)
     assert unc["AUROC_max_error"] == 0 and 0 <= unc["AUROC_binned_1000"] <= 1
+    # within each predicted label, against scikit-learn on that label's voxels (None: no error or no correct one)
+    pred_labels = np.concatenate([read[f"p{i}"] for i in range(3)])
+    expected = {}
+    for c in np.unique(pred_labels):
+        m = pred_labels == c
+        expected[str(c)] = (pytest.approx(roc_auc_score(wrong[m], u[m]), abs=1e-12)
+                            if 0 < wrong[m].sum() < m.sum() else None)
+    assert unc["AUROC_within_predicted_label"] == expected and any(v is not None for v in expected.values())
+    scored = [roc_auc_score(wrong[pred_labels == c], u[pred_labels == c]) for c in np.unique(pred_labels)
+              if 0 < wrong[pred_labels == c].sum() < (pred_labels == c).sum()]
+    assert unc["AUROC_within_label_mean"] == pytest.approx(np.mean(scored), abs=1e-12)
     assert unc["error_rate"] == pytest.approx(126 / 4608)  # 3 x 36 extra label-1 voxels + 18 missed label-2
     assert unc["AURC"] == pytest.approx(unc["AURC_optimal"], abs=1e-9)  # every error above every correct voxel
     # probabilities 0.9/1.1 for the predicted class, 0.1/1.1 for the others: correct voxels 6/121, wrong 182/121
@@ -196,3 +207,21 @@ def test_evaluate_cli_region_dataset_uncertainty(tmp_path):
     assert unc["Brier"] == pytest.approx((240 * 0.01 + 16 * 0.81 + 256 * 0.04) / 512)
     # the entropy map (about 0.595 everywhere) exceeds 0.5 on all 2 x 256 voxels; region (1, 2) has 32 errors
     assert unc["uncertainty_error_dice"] == {"(1, 2)": pytest.approx(64 / 544), "2": 0.0}
+
+
+def test_within_label_auroc_by_hand():
+    """Predicted label 0: u 0.1 wrong, 0.2 correct -> AUROC 0. Label 1, split over two cases: 0.3 wrong, 0.8
+    correct (case 0), 0.9 wrong (case 1) -> pairs (0.3 < 0.8, 0.9 > 0.8) = 1/2. Label 2: no error -> None. The
+    unweighted mean over labels is (0 + 1/2) / 2 = 1/4, not the pooled AUROC (errors 0.1, 0.3, 0.9 against 0.2,
+    0.8, 0.2 ...) nor a voxel-weighted mean (2/5 x 0 + 3/5 x 1/2 = 0.3)."""
+    from diffnnunet.evaluation.metrics import within_label_auroc
+    from diffnnunet.evaluation.uncertainty import uncertainty_counts
+    case0 = {0: uncertainty_counts(np.array([0.1, 0.2]), np.array([True, False])),
+             1: uncertainty_counts(np.array([0.3, 0.8]), np.array([True, False])),
+             2: uncertainty_counts(np.array([0.4, 0.7]), np.array([False, False]))}
+    case1 = {1: uncertainty_counts(np.array([0.9]), np.array([True]))}
+    got = within_label_auroc([case0, case1])
+    assert got["AUROC_within_predicted_label"] == {"0": 0.0, "1": 0.5, "2": None}
+    assert got["AUROC_within_label_mean"] == pytest.approx(0.25)
+    assert within_label_auroc([{2: case0[2]}]) == {"AUROC_within_predicted_label": {"2": None},
+                                                   "AUROC_within_label_mean": None}

@@ -81,7 +81,8 @@ def compute_case_metrics(reference_file: str, prediction_file: str, image_reader
 def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_regions, has_regions) -> dict:
     """Per-case statistics that pool exactly over cases (ignore label excluded): from CASE.npz ``_ece_bins``
     ``(3, 15)`` and ``_brier`` ``(2,)``; from CASE_uncertainty (or the npz's entropy) ``_unc_counts`` (wrong and
-    correct voxels per distinct uncertainty value) and ``_overlap`` ``(L, 3)``, per label or region the counts of
+    correct voxels per distinct uncertainty value), the same per predicted label ``_unc_counts_by_label`` and
+    ``_overlap`` ``(L, 3)``, per label or region the counts of
     uncertainty > ``OVERLAP_THRESHOLD`` vs that label's errors (prediction != reference for the label)."""
     import SimpleITK as sitk
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
@@ -116,6 +117,10 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
         return out
     wrong = seg_pred[0] != seg_ref[0]
     out["_unc_counts"] = uncertainty_counts(unc[valid], wrong[valid])
+    predicted = seg_pred[0]
+    out["_unc_counts_by_label"] = {int(c): uncertainty_counts(unc[valid & (predicted == c)],
+                                                              wrong[valid & (predicted == c)])
+                                   for c in np.unique(predicted[valid])}
     uncertain = (unc > OVERLAP_THRESHOLD) & valid
     out["_overlap"] = np.stack([overlap_counts(uncertain, (region_or_label_to_mask(seg_pred[0], r)
                                                            != region_or_label_to_mask(seg_ref[0], r)) & valid)
@@ -138,7 +143,8 @@ def pool_uncertainty(results: list[dict], labels_or_regions) -> tuple[dict | Non
         optimal_aurc,
     )
 
-    got = {k: [c.pop(k) for c in results if k in c] for k in ("_ece_bins", "_brier", "_unc_counts", "_overlap")}
+    got = {k: [c.pop(k) for c in results if k in c]
+           for k in ("_ece_bins", "_brier", "_unc_counts", "_overlap", "_unc_counts_by_label")}
     if not any(got.values()):
         return None, {}
     section, pooled = {}, {}
@@ -166,11 +172,29 @@ def pool_uncertainty(results: list[dict], labels_or_regions) -> tuple[dict | Non
             "error_rate": n_err / n_all if n_all else float("nan"),
             "uncertainty_error_dice": {str(r): dice_from_overlap(o) for r, o in zip(labels_or_regions, overlap)},
             "uncertainty_threshold": OVERLAP_THRESHOLD,
+            **within_label_auroc(got["_unc_counts_by_label"]),
         })
     else:
         section["AUROC_uncertainty_vs_error"] = None
     section["n_cases"] = max(len(v) for v in got.values())
     return section, pooled
+
+
+def within_label_auroc(by_label: list[dict]) -> dict:
+    """Per-case ``{predicted label: uncertainty_counts}`` -> ``AUROC_within_predicted_label`` (per predicted
+    label, the AUROC of the map against the errors among the voxels predicted as that label, pooled over cases;
+    None where that label has no error or no correct voxel) and ``AUROC_within_label_mean`` (their unweighted
+    mean, None when no label has both): how well the map ranks errors inside a label, which the pooled AUROC
+    mixes with how well it separates labels of different error rates."""
+    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, merge_counts
+    labels = sorted({c for case in by_label for c in case})
+    per_label = {}
+    for c in labels:
+        value = auroc_from_histograms(merge_counts([case[c] for case in by_label if c in case])["counts"])
+        per_label[str(c)] = None if np.isnan(value) else value
+    scored = [v for v in per_label.values() if v is not None]
+    return {"AUROC_within_predicted_label": per_label,
+            "AUROC_within_label_mean": float(np.mean(scored)) if scored else None}
 
 
 def _split_ending(path: str) -> tuple[str, str]:

@@ -23,7 +23,8 @@ def format_summary(summary: dict, title: str = "") -> str:
         lines.append(f"uncertainty: ECE {_fmt(unc.get('ECE'))}  Brier {_fmt(unc.get('Brier'))}  "
                      f"AUROC(uncertainty vs error) {_fmt(unc.get('AUROC_uncertainty_vs_error'))} "
                      f"(1000 bins: {_fmt(unc.get('AUROC_binned_1000'))})  AURC {_fmt(unc.get('AURC'))} "
-                     f"(oracle {_fmt(unc.get('AURC_optimal'))})  ({unc.get('n_cases')} cases)")
+                     f"(oracle {_fmt(unc.get('AURC_optimal'))})  within predicted label, mean "
+                     f"{_fmt(unc.get('AUROC_within_label_mean'))}  ({unc.get('n_cases')} cases)")
         dice = unc.get("uncertainty_error_dice")
         if dice:
             lines.append(f"uncertainty > {unc.get('uncertainty_threshold')} vs errors, Dice per label: "
