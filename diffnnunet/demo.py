@@ -4,7 +4,8 @@ plan -> train (short budget) -> tune the sampling (budget, temperature and error
 default) -> predict -> evaluate, for DiffUNetTrainer, BerDiffTrainer, MedSegDiffV2Trainer and the nnUNetTrainer
 baseline side by side, on 2D slices of the ICBM152 T1 template with grey/white matter labels (see
 datasets/icbm152.py). Prints one table per trainer and writes pictures (image | ground truth | prediction |
-uncertainty, and training curves).
+uncertainty, and training curves). Uncertainty is reported for the raw map, the exported (calibrated) map and
+its control (:mod:`diffnnunet.inference.uncertainty_control`), every trainer calibrated the same way.
 """
 from __future__ import annotations
 
@@ -91,13 +92,15 @@ def _model_folder(trainer_name: str, dataset: str = f"Dataset{DATASET_ID}_ICBM15
     return model_folder(dataset, trainer_name, default_plans_for(get_trainer_class(trainer_name)), configuration)
 
 
-def _predict(trainer_name: str, images: str, out: str, args, device, folder: str | None = None) -> float:
+def _predict(trainer_name: str, images: str, out: str, args, device, folder: str | None = None,
+             raw: bool = False) -> float:
+    """diffnnunet_predict --save_uncertainty --save_probabilities (``raw``: with --raw_uncertainty); seconds."""
     from diffnnunet.cli.checks import check_prediction_inputs
     from diffnnunet.inference import DiffusionPredictor
 
     folder = folder or _model_folder(trainer_name)
     predictor = DiffusionPredictor(use_mirroring=False, device=device, steps=args.steps, samples=args.samples,
-                                   save_uncertainty=True, allow_tqdm=False, verbose=False)
+                                   save_uncertainty=True, raw_uncertainty=raw, allow_tqdm=False, verbose=False)
     predictor.initialize_from_trained_model_folder(folder, [0], "checkpoint_final.pth")
     predictor.use_mirroring = predictor.diffusion is None  # as diffnnunet_predict: stock nnU-Net with its TTA
     lists = check_prediction_inputs(images, predictor.dataset_json)
@@ -160,16 +163,29 @@ def _figure(raw: str, predictions: dict, out_png: str, n_cases: int = 3) -> None
     os.replace(tmp, out_png)
 
 
-def comparison_table(summaries: dict) -> str:
-    """One line per trainer: foreground Dice and HD95, and the uncertainty quality, side by side."""
-    head = (f"{'trainer':>16s} {'Dice':>7s} {'HD95':>7s} {'ECE':>7s} {'Brier':>7s} {'AUROC':>7s} {'AURC':>7s}")
-    lines = [head]
+def comparison_table(summaries: dict, raw_summaries: dict, controls: dict) -> str:
+    """One line per trainer: foreground Dice and HD95, ECE, Brier, and the AUROC of uncertainty against the errors
+    for the raw map (``raw_summaries``: predicted with --raw_uncertainty), the exported map and the control
+    (``controls``: :func:`~diffnnunet.inference.uncertainty_control.control_auroc`), pooled and within predicted
+    labels, then the exported map's AURC."""
+    names = ("Dice", "HD95", "ECE", "Brier", "AUROC raw", "exported", "control", "within", "ctl within", "AURC")
+    lines = [f"{'trainer':>16s} " + " ".join(f"{n:>10s}" for n in names)]
     for trainer, s in summaries.items():
         fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
+        raw = raw_summaries[trainer].get("uncertainty") or {}
         values = [fg.get("Dice"), fg.get("HD95"), unc.get("ECE"), unc.get("Brier"),
-                  unc.get("AUROC_uncertainty_vs_error"), unc.get("AURC")]
-        lines.append(f"{trainer:>16s} " + " ".join(f"{float('nan') if v is None else v:7.4f}" for v in values))
+                  raw.get("AUROC_uncertainty_vs_error"), unc.get("AUROC_uncertainty_vs_error"),
+                  controls[trainer]["AUROC_control"], unc.get("AUROC_within_label_mean"),
+                  controls[trainer]["AUROC_control_within"], unc.get("AURC")]
+        lines.append(f"{trainer:>16s} " + " ".join(f"{float('nan') if v is None else v:10.4f}" for v in values))
     return "\n".join(lines)
+
+
+def _raw_prediction(trainer: str, raw: str, out_root: str, args, device) -> str:
+    """The same prediction with the raw map (``--raw_uncertainty``; the same seed, so the same segmentation)."""
+    folder = os.path.join(out_root, "raw_maps", trainer)
+    _predict(trainer, os.path.join(raw, "imagesTs"), folder, args, device, raw=True)
+    return folder
 
 
 @cli_entry("diffnnunet_demo")
@@ -181,6 +197,7 @@ def main(argv=None):
     from diffnnunet.datasets.icbm152 import make_icbm152_dataset
     from diffnnunet.evaluation import evaluate_folder
     from diffnnunet.evaluation.report import format_summary
+    from diffnnunet.inference.uncertainty_control import control_auroc, control_curves
 
     args = build_parser().parse_args(argv)
     device = parse_device(args.device)
@@ -191,14 +208,17 @@ def main(argv=None):
     plan_and_preprocess_dataset(name, ["2d"], 2, clean=True)  # default plans: the configured training recipe
     t_plan = time.perf_counter() - t0
     out_root = os.path.join(args.workdir, "predictions")
-    report, predictions, summaries = [], {}, {}
+    report, predictions, summaries, raw_summaries, controls = [], {}, {}, {}, {}
     for trainer in args.trainers:
         t_train = _train(trainer, args, device)
         t_tune, tuned = (0.0, "") if args.no_tune else _tune(trainer, device)
         pred = os.path.join(out_root, trainer)
         t_pred = _predict(trainer, os.path.join(raw, "imagesTs"), pred, args, device)
-        summary = evaluate_folder(os.path.join(raw, "labelsTs"), pred, os.path.join(pred, "summary.json"),
-                                  SimpleITKIO(), ".nii.gz", [1, 2], num_processes=2)
+        summary, raw_summaries[trainer] = (
+            evaluate_folder(os.path.join(raw, "labelsTs"), folder, os.path.join(folder, "summary.json"),
+                            SimpleITKIO(), ".nii.gz", [1, 2], num_processes=2)
+            for folder in (pred, _raw_prediction(trainer, raw, out_root, args, device)))
+        controls[trainer] = control_auroc(pred, os.path.join(raw, "labelsTs"), control_curves(_model_folder(trainer)))
         predictions[trainer] = pred
         summaries[trainer] = summary
         n_test = len(os.listdir(os.path.join(raw, "labelsTs")))
@@ -213,8 +233,9 @@ def main(argv=None):
     figure = os.path.join(args.workdir, "predictions.png")
     _figure(raw, predictions, figure)
     print("\n".join(report))
-    print("\n== side by side (foreground mean; uncertainty of the pooled test voxels, exact AUROC)\n"
-          + comparison_table(summaries))
+    print("\n== side by side (foreground mean; uncertainty of the pooled test voxels, exact AUROC of the raw map, "
+          "the exported map and its control: the exported margin through the validation error curves)\n"
+          + comparison_table(summaries, raw_summaries, controls))
     print(f"\nplanning + preprocessing {t_plan:.1f} s; total {time.perf_counter() - t0:.1f} s")
     print(f"pictures: {figure}, " + ", ".join(os.path.join(args.workdir, f"progress_{t}.png")
                                               for t in args.trainers))

@@ -25,7 +25,13 @@ def test_demo_tiny_budget(tmp_path, capsys, monkeypatch):
     assert "AUROC" in out and "time: training" in out
     table = out[out.index("== side by side"):].split("\n\n")[0].splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
-    assert set(rows) >= {"nnUNetTrainer", "DiffUNetTrainer"} and all(len(v) == 6 for v in rows.values())
-    assert float(rows["DiffUNetTrainer"][0]) == pytest.approx(
-        json.load(open(work / "predictions" / "DiffUNetTrainer" / "summary.json"))["foreground_mean"]["Dice"], abs=1e-4)
+    assert set(rows) >= {"nnUNetTrainer", "DiffUNetTrainer"} and all(len(v) == 10 for v in rows.values())
+    exported = json.load(open(work / "predictions" / "DiffUNetTrainer" / "summary.json"))
+    raw = json.load(open(work / "predictions" / "raw_maps" / "DiffUNetTrainer" / "summary.json"))
+    assert float(rows["DiffUNetTrainer"][0]) == pytest.approx(exported["foreground_mean"]["Dice"], abs=1e-4)
+    # raw and exported maps of the same segmentation (same seed); without tuning there is no control
+    assert raw["foreground_mean"]["Dice"] == exported["foreground_mean"]["Dice"]
+    assert float(rows["DiffUNetTrainer"][4]) == pytest.approx(raw["uncertainty"]["AUROC_uncertainty_vs_error"],
+                                                              abs=1e-4)
+    assert rows["DiffUNetTrainer"][6] == "nan"
     assert os.path.getsize(work / "predictions.png") > 10000
