@@ -35,7 +35,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.suite import BASELINE, SUITE, run_suite, summarise, validation_figures  # noqa: E402, F401
+from benchmarks.suite import (  # noqa: E402, F401
+    BASELINE,
+    SUITE,
+    parse_overrides,
+    run_suite,
+    summarise,
+    validation_figures,
+)
 from diffnnunet.utils import merge_nested as merge  # noqa: E402  (the plans section and the --set overrides)
 
 
@@ -64,25 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "defaults to 0 1 2 there")
     p.add_argument("--datasets", nargs="+", default=list(SUITE), choices=list(SUITE), help="suite datasets")
     return p
-
-
-def parse_overrides(items) -> dict:
-    """["ema.enabled=false", "optimizer.initial_lr=1e-4"] -> nested dict with JSON-parsed values."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set {item}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        node = out
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = value
-    return out
 
 
 def apply_overrides(preprocessed: str, dataset: str, overrides: dict) -> dict:

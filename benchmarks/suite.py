@@ -101,24 +101,70 @@ def _seed_env(env: dict, seed: int) -> dict:
     return dict(env, nnUNet_results=os.path.join(os.path.dirname(env["nnUNet_results"]), f"nnUNet_results_s{seed}"))
 
 
-def model_folder(results: str, trainer: str, configuration: str) -> str:
+def default_plans(trainer: str) -> str:
     from diffnnunet.trainers import default_plans_for, get_trainer_class
-    return os.path.join(results, f"{trainer}__{default_plans_for(get_trainer_class(trainer))}__{configuration}")
+    return default_plans_for(get_trainer_class(trainer))
 
 
-def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log) -> dict:
+def model_folder(results: str, trainer: str, configuration: str, plans: str | None = None) -> str:
+    return os.path.join(results, f"{trainer}__{plans or default_plans(trainer)}__{configuration}")
+
+
+def parse_overrides(items) -> dict:
+    """["ema.enabled=false", "optimizer.initial_lr=1e-4"] -> nested dict with JSON-parsed values."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        node = out
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return out
+
+
+def variant_plans(preprocessed: str, trainer: str, overrides: list) -> tuple[str | None, str]:
+    """``--set KEY=VALUE ...`` for a diffusion trainer: a copy of its default plans (same preprocessed data) named
+    ``<plans>_set_<key>-<value>...`` with the overrides merged into every configuration's diffusion section
+    (dotted keys reach into sections), written once; (that plans name, the tag its runs are stored under). The
+    baseline and runs without overrides: (None, "")."""
+    if not overrides or trainer == BASELINE:
+        return None, ""
+    from diffnnunet.utils import merge_nested
+    tag = "_set_" + "_".join(item.replace("=", "-").replace("/", "-") for item in sorted(overrides))
+    base = default_plans(trainer)
+    path = os.path.join(preprocessed, base + tag + ".json")
+    if not os.path.isfile(path):
+        nested = parse_overrides(overrides)
+        plans = json.load(open(os.path.join(preprocessed, base + ".json")))
+        plans["plans_name"] = base + tag
+        for cfg in plans["configurations"].values():
+            if "diffusion" in cfg:
+                cfg["diffusion"] = merge_nested(cfg["diffusion"], nested)
+        _write_json(path, plans)
+    return base + tag, tag
+
+
+def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log, plans: str | None = None) -> dict:
     """One trainer, one seed on one suite dataset through the command lines: train (default tuning), predict,
     evaluate; the row of :func:`summarise`, with :func:`uncertainty_figures`."""
     dataset_id, configuration = SUITE[name]
     env = _seed_env(env, seed)
-    t_train = _cli("train", [dataset_id, trainer, 0, "-c", configuration, "--epochs", args.epochs,
+    chosen = ["-p", plans] if plans else []
+    t_train = _cli("train", [dataset_id, trainer, 0, "-c", configuration, *chosen, "--epochs", args.epochs,
                              "--iterations-per-epoch", args.iterations_per_epoch, "--val-iterations",
                              args.val_iterations, "--seed", seed, "-device", args.device], env, log)
-    out = os.path.join(args.workdir, name, "predictions", f"{trainer}_s{seed}")
+    out = _prediction_folder(args, name, trainer, seed, plans)
     shutil.rmtree(out, ignore_errors=True)
     t_pred = _cli("predict", ["-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", dataset_id, "-tr", trainer, "-f",
-                              0, "-c", configuration, "--save_uncertainty", "--save_probabilities", "-device",
-                              args.device], env, log)
+                              0, "-c", configuration, *chosen, "--save_uncertainty", "--save_probabilities",
+                              "-device", args.device], env, log)
     _cli("evaluate", ["-ref", os.path.join(raw, "labelsTs"), "-pred", out, "-djfile",
                       os.path.join(out, "dataset.json"), "-o", os.path.join(out, "summary.json")], env, log)
     s = json.load(open(os.path.join(out, "summary.json")))
@@ -127,21 +173,31 @@ def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log
            "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
            "train_s": t_train, "predict_s": t_pred,
            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()},
-           **validation_figures(os.path.join(env["nnUNet_results"], os.path.basename(raw)), trainer, configuration)}
-    return {**row, **uncertainty_figures(name, trainer, seed, args, raw, env, log)}
+           **validation_figures(os.path.join(env["nnUNet_results"], os.path.basename(raw)), trainer, configuration,
+                                plans)}
+    if plans:
+        row.update(trainer=trainer + plans[len(default_plans(trainer)):], plans=plans)
+    return {**row, **uncertainty_figures(name, trainer, seed, args, raw, env, log, plans)}
 
 
-def uncertainty_figures(name: str, trainer: str, seed: int, args, raw: str, env: dict, log) -> dict:
+def _prediction_folder(args, name: str, trainer: str, seed: int, plans: str | None) -> str:
+    tag = plans[len(default_plans(trainer)):] if plans else ""
+    return os.path.join(args.workdir, name, "predictions", f"{trainer}{tag}_s{seed}")
+
+
+def uncertainty_figures(name: str, trainer: str, seed: int, args, raw: str, env: dict, log,
+                        plans: str | None = None) -> dict:
     """The raw, exported and control AUROCs of a finished run's test predictions, pooled and within predicted
     labels (module docstring): the exported prediction re-evaluated, a second prediction with
     ``--raw_uncertainty`` (same seed, so the same segmentation), and the control computed here."""
     dataset_id, configuration = SUITE[name]
     env = _seed_env(env, seed)
-    out = os.path.join(args.workdir, name, "predictions", f"{trainer}_s{seed}")
+    out = _prediction_folder(args, name, trainer, seed, plans)
     out_raw = out + "_raw"
     shutil.rmtree(out_raw, ignore_errors=True)
     _cli("predict", ["-i", os.path.join(raw, "imagesTs"), "-o", out_raw, "-d", dataset_id, "-tr", trainer, "-f", 0,
-                     "-c", configuration, "--save_uncertainty", "--raw_uncertainty", "--save_probabilities",
+                     "-c", configuration, *(["-p", plans] if plans else []), "--save_uncertainty", "--raw_uncertainty",
+                     "--save_probabilities",
                      "-device", args.device], env, log)
     figures = {}
     for folder, suffix in ((out, ""), (out_raw, "_raw")):
@@ -152,16 +208,16 @@ def uncertainty_figures(name: str, trainer: str, seed: int, args, raw: str, env:
                         f"AUROC{suffix}_within": unc.get("AUROC_within_label_mean")})
     from diffnnunet.inference.uncertainty_control import control_auroc, control_curves
     curves = control_curves(model_folder(os.path.join(env["nnUNet_results"], os.path.basename(raw)), trainer,
-                                         configuration))
+                                         configuration, plans))
     figures.update(control_auroc(out, os.path.join(raw, "labelsTs"), curves))
     return figures
 
 
-def validation_figures(results: str, trainer: str, configuration: str) -> dict:
+def validation_figures(results: str, trainer: str, configuration: str, plans: str | None = None) -> dict:
     """What the protocol chooses defaults on: fold 0's validation figures of a trained model, from nnU-Net's
     validation summary (``val_Dice``: foreground mean Dice of the final validation) and the tuning's sampling.json
     (``val_ECE`` after the temperature, ``val_AUROC``: the error map's held-out AUROC; the budget it chose)."""
-    folder = model_folder(results, trainer, configuration)
+    folder = model_folder(results, trainer, configuration, plans)
     out = {}
     summary = os.path.join(folder, "fold_0", "validation", "summary.json")
     if os.path.isfile(summary):
@@ -197,20 +253,23 @@ def run_suite(args, trainers: list) -> None:
             if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw),
                                               f"nnUNetPlans_{configuration}")):
                 _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
+            preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
+            variants = {t: variant_plans(preprocessed, t, args.set) for t in trainers}
             for seed in seeds:
                 for trainer in trainers:
-                    done = os.path.join(root, "runs", f"{trainer}_s{seed}.json")
+                    plans, tag = variants[trainer]
+                    done = os.path.join(root, "runs", f"{trainer}{tag}_s{seed}.json")
                     if os.path.isfile(done):
                         row = json.load(open(done))
                         if "AUROC_control" not in row:  # a run of an earlier version: its missing figures
                             results = os.path.join(_seed_env(env, seed)["nnUNet_results"], os.path.basename(raw))
-                            row.update({**validation_figures(results, trainer, configuration), **row,
-                                        **uncertainty_figures(name, trainer, seed, args, raw, env, log)})
+                            row.update({**validation_figures(results, trainer, configuration, plans), **row,
+                                        **uncertainty_figures(name, trainer, seed, args, raw, env, log, plans)})
                             _write_json(done, row)
                         all_runs.append(row)
                         continue
                     start = time.perf_counter()
-                    row = suite_run(name, trainer, seed, args, raw, env, log)
+                    row = suite_run(name, trainer, seed, args, raw, env, log, plans)
                     _write_json(done, row)
                     all_runs.append(row)
                     print(f"[{name}] {trainer} seed {seed}: Dice {row['Dice']:.4f} HD95 {row['HD95']:.2f} ECE "

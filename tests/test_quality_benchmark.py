@@ -47,3 +47,24 @@ def test_uncertainty_verdict_needs_both_nnunet_and_the_control_beaten_beyond_the
         "better",
         "uncertainty C: exported AUROC vs nnU-Net's exported -0.0050 (tie), vs its own control +0.0050 (tie): "
         "not better"]
+
+
+def test_suite_variant_is_a_plans_copy_with_the_overrides(tmp_path):
+    """``--set`` in the suite: a copy of the trainer's plans named after the overrides, the diffusion section of
+    every configuration merged (nested keys too), the default plans untouched; nothing for the baseline."""
+    import json
+    suite = load_benchmark("suite")
+    plans = {"plans_name": "MedSegDiffV2Plans", "configurations": {
+        "2d": {"diffusion": {"fusion": "staple", "ema": {"enabled": True, "horizon_fraction": 0.1}}},
+        "3d_lowres": {"data_identifier": "x"}}}
+    (tmp_path / "MedSegDiffV2Plans.json").write_text(json.dumps(plans))
+    name, tag = suite.variant_plans(str(tmp_path), "MedSegDiffV2Trainer", ["fusion=mean", "ema.enabled=false"])
+    assert (name, tag) == ("MedSegDiffV2Plans_set_ema.enabled-false_fusion-mean", "_set_ema.enabled-false_fusion-mean")
+    copy = json.loads((tmp_path / f"{name}.json").read_text())
+    assert copy["plans_name"] == name
+    assert copy["configurations"]["2d"]["diffusion"] == {"fusion": "mean",
+                                                         "ema": {"enabled": False, "horizon_fraction": 0.1}}
+    assert copy["configurations"]["3d_lowres"] == {"data_identifier": "x"}
+    assert json.loads((tmp_path / "MedSegDiffV2Plans.json").read_text()) == plans
+    assert suite.variant_plans(str(tmp_path), "nnUNetTrainer", ["fusion=mean"]) == (None, "")
+    assert suite.variant_plans(str(tmp_path), "MedSegDiffV2Trainer", []) == (None, "")
