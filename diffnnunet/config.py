@@ -138,7 +138,7 @@ DEFAULT_DIFFUSION = {
         # the native map: the S x0 chains' mutual information, as every Gaussian method's: 0 where they agree, also
         # over the demo's test background, which sits at another z-score than the training slices' and where the
         # chains agree on a soft probability that their total entropy ranks above most errors (medsegdiff_v2.md,
-        # "Two seeds, and the uncertainty map")
+        # "The map")
         "uncertainty": "mutual_information",
         "validation_sampling_steps": 2, "validation_samples": 1,
         # the configured recipe without the weight EMA: on the demo (two runs each, same plans) the EMA weights gave
