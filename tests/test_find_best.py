@@ -10,9 +10,11 @@ import shlex
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from diffnnunet.cli import apply_postprocessing, ensemble, find_best, predict, train
-from diffnnunet.inference.ensembling import pooled_uncertainty
+from diffnnunet.inference.calibration import apply_error_map
+from diffnnunet.inference.ensembling import ERROR_MAP_FILE, load_error_map, pooled_uncertainty
 from tests.helpers import STANDARD_IDS, dataset_names, fail_one_line, image_geometry, module_cli_env
 
 IDS = {2: STANDARD_IDS[2]}
@@ -99,6 +101,10 @@ def test_accumulated_dice_is_the_folds_by_hand(report):
             assert row["Dice_per_label"][label] == pytest.approx(value, abs=1e-9)
         assert row["ECE"] is not None and row["AUROC"] is not None  # from the validation .npz
         assert row["seconds_per_case"] > 0 and row["HD95"] is not None and row["NSD"] is not None
+        assert row["AUROC"] == row["AUROC_by_input"][row["AUROC_input"]]  # the held-out AUROC of the chosen input
+    # nnU-Net has no native map: its error map reads the margin; Diff-UNet's validation wrote its maps (--npz)
+    assert set(report["rows"][MODELS["nnUNetTrainer"]]["AUROC_by_input"]) == {"confidence"}
+    assert set(report["rows"][MODELS["DiffUNetTrainer"]]["AUROC_by_input"]) == {"map", "confidence"}
     assert report["rows"][MODELS["nnUNetTrainer"]]["budget"] == [{"validated": None, "tuned": None}]
     assert report["rows"][MODELS["DiffUNetTrainer"]]["budget"] == [{"validated": [2, 2], "tuned": None}]
 
@@ -125,7 +131,7 @@ def test_ensemble_row_and_files(report):
         unc = sitk.GetArrayFromImage(unc_image)
         assert unc_image.GetPixelID() == sitk.sitkFloat32 and np.isfinite(unc).all()
         assert unc.min() >= 0 and unc.max() <= 1 and unc.max() > 0
-        # the members have no maps in their validation folders: the pooled map is the entropy of the mean
+        # find_best leaves the members' raw validation maps unread: the folder's map is the entropy of the mean
         members = []
         for identifier in MODELS.values():
             for fold in (0, 1):
@@ -139,6 +145,37 @@ def test_ensemble_row_and_files(report):
         p = np.clip(mean, 1e-12, 1)
         np.testing.assert_allclose(unc.reshape(p.shape[1:]), -(p * np.log(p)).sum(0) / math.log(p.shape[0]),
                                    atol=1e-5)
+
+
+def test_ensemble_error_map_file(report):
+    """The ensemble's fitted error map is stored in its folder, readable as diffnnunet_ensemble reads it, for the
+    row's members; the row's AUROC is its held-out AUROC."""
+    row = next(r for r in report["result"]["rows"] if r["kind"] == "ensemble")
+    assert row["error_map"] == os.path.join(row["source"], ERROR_MAP_FILE)
+    em = load_error_map(row["error_map"])
+    assert em["members"] == row["members"] and em["folds"] == [0, 1] and em["cases"] == row["n_cases"]
+    assert em["measure"] == "pooled" and set(em["validation_auroc"]) == {"map", "confidence"}
+    assert row["AUROC"] == pytest.approx(em["validation_auroc"][em["inputs"]], abs=1e-12)
+    assert row["AUROC_input"] == em["inputs"]
+
+
+def test_fold_validation_writes_native_maps(report):
+    """diffnnunet_train --npz: Diff-UNet's fold validation writes each case's native map beside its .npz (float32,
+    the probabilities' grid, values >= 0); nnU-Net's writes none."""
+    for identifier, has_maps in ((MODELS["DiffUNetTrainer"], True), (MODELS["nnUNetTrainer"], False)):
+        for fold in (0, 1):
+            val = os.path.join(report["folder"], identifier, f"fold_{fold}", "validation")
+            cases = sorted(f[:-4] for f in os.listdir(val) if f.endswith(".npz"))
+            assert cases
+            for case in cases:
+                path = os.path.join(val, case + "_uncertainty.nii.gz")
+                assert os.path.isfile(path) == has_maps, path
+                if has_maps:
+                    image = sitk.ReadImage(path)
+                    u = sitk.GetArrayFromImage(image)
+                    p = np.load(os.path.join(val, case + ".npz"))["probabilities"]
+                    assert image.GetPixelID() == sitk.sitkFloat32 and u.size == np.prod(p.shape[1:])
+                    assert np.isfinite(u).all() and u.min() >= 0 and u.max() > 0
 
 
 def test_report_files_and_printed_table(report):
@@ -233,44 +270,58 @@ def test_models_compared_on_shared_cases(trained, tmp_path):
     assert result["cheapest"] is None and not (tmp_path / "find_best_dice_vs_time.png").exists()
 
 
-def test_ensemble_command_pools_member_maps(report, tmp_path):
-    """diffnnunet_ensemble on two members (each model's validation .npz/.pkl with a map of its own, as
-    diffnnunet_predict --save_probabilities --save_uncertainty writes them): mean probabilities, and the pooled map
-    by hand."""
+@pytest.fixture(scope="module")
+def members(report, tmp_path_factory):
+    """Two member folders per kind, from each model's validation .npz/.pkl: ``maps`` with a random map of their own
+    each (as diffnnunet_predict --save_probabilities --save_uncertainty writes them), ``plain`` without."""
     rng = np.random.default_rng(0)
-    members = []
-    for identifier in MODELS.values():
-        member = tmp_path / identifier
-        member.mkdir()
-        for name in ("dataset.json", "plans.json"):
-            os.link(os.path.join(report["folder"], identifier, name), member / name)
-        for fold in (0, 1):
-            val = os.path.join(report["folder"], identifier, f"fold_{fold}", "validation")
-            for f in os.listdir(val):
-                if f.endswith((".npz", ".pkl")):
-                    os.link(os.path.join(val, f), member / f)
-                if f.endswith(".nii.gz"):
-                    seg = sitk.ReadImage(os.path.join(val, f))
-                    u = sitk.GetImageFromArray(rng.uniform(0, 1, sitk.GetArrayFromImage(seg).shape).astype(np.float32))
-                    u.CopyInformation(seg)
-                    sitk.WriteImage(u, str(member / f.replace(".nii.gz", "_uncertainty.nii.gz")))
-        members.append(str(member))
+    root = tmp_path_factory.mktemp("members")
+    out = {"maps": [], "plain": []}
+    for kind in out:
+        for identifier in MODELS.values():
+            member = root / kind / identifier
+            member.mkdir(parents=True)
+            for name in ("dataset.json", "plans.json"):
+                os.link(os.path.join(report["folder"], identifier, name), member / name)
+            for fold in (0, 1):
+                val = os.path.join(report["folder"], identifier, f"fold_{fold}", "validation")
+                for f in os.listdir(val):
+                    if f.endswith((".npz", ".pkl")):
+                        os.link(os.path.join(val, f), member / f)
+                    if kind == "maps" and f.endswith(".nii.gz") and not f.endswith("_uncertainty.nii.gz"):
+                        seg = sitk.ReadImage(os.path.join(val, f))
+                        shape = sitk.GetArrayFromImage(seg).shape
+                        u = sitk.GetImageFromArray(rng.uniform(0, 1, shape).astype(np.float32))
+                        u.CopyInformation(seg)
+                        sitk.WriteImage(u, str(member / f.replace(".nii.gz", "_uncertainty.nii.gz")))
+            out[kind].append(str(member))
+    return out
+
+
+def _entropy(q):
+    q = np.clip(q, 1e-12, 1)
+    return -(q * np.log(q)).sum(0) / math.log(q.shape[0])
+
+
+def _pooled_by_hand(members, case):
+    """(mean probabilities ``(C, *spatial)``, the members' maps, the pooled map U, their JSD) of one case."""
+    p = [np.load(os.path.join(m, case + ".npz"))["probabilities"].astype(np.float64) for m in members]
+    u = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(m, case + "_uncertainty.nii.gz"))) for m in members]
+    mean = (p[0] + p[1]) / 2
+    jsd = np.clip(_entropy(mean) - (_entropy(p[0]) + _entropy(p[1])) / 2, 0, None).reshape(u[0].shape)
+    return mean, u, np.clip((u[0] + u[1]) / 2 + jsd, 0, 1), jsd
+
+
+def test_ensemble_command_pools_member_maps(report, members, tmp_path):
+    """diffnnunet_ensemble on two members with maps: mean probabilities, and the pooled map by hand."""
+    members = members["maps"]
     out = str(tmp_path / "ensemble")
     ensemble.main(["-i", *members, "-o", out, "--save_npz", "-np", "1"])
     cases = sorted(f[:-4] for f in os.listdir(members[0]) if f.endswith(".npz"))
     assert len(cases) == report["result"]["n_shared"]
     assert not [f for f in os.listdir(out) if f.startswith(".partial_")]
     for case in cases:
-        p = [np.load(os.path.join(m, case + ".npz"))["probabilities"].astype(np.float64) for m in members]
-        u = [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(m, case + "_uncertainty.nii.gz"))) for m in members]
-        mean = (p[0] + p[1]) / 2
-
-        def entropy(q):
-            q = np.clip(q, 1e-12, 1)
-            return -(q * np.log(q)).sum(0) / math.log(q.shape[0])
-
-        jsd = np.clip(entropy(mean) - (entropy(p[0]) + entropy(p[1])) / 2, 0, None).reshape(u[0].shape)
-        expected = np.clip((u[0] + u[1]) / 2 + jsd, 0, 1)
+        mean, u, expected, jsd = _pooled_by_hand(members, case)
         assert (jsd > 0.01).any()  # the members disagree somewhere: the pooled map is not the mean of their maps
         unc_image = sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz"))
         assert unc_image.GetPixelID() == sitk.sitkFloat32
@@ -284,3 +335,50 @@ def test_ensemble_command_pools_member_maps(report, tmp_path):
             assert geometry[0] == ref[0]
             for a, b in zip(geometry[1:], ref[1:]):
                 np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_ensemble_command_applies_the_error_map(report, members, tmp_path):
+    """diffnnunet_ensemble --error_map: the written map is the ensemble's error map applied by hand (the curve of
+    the voxel's label of the mean at the pooled map U, or at the margin of the mean), in [0, 1]; with the file
+    find_best stored and with the same curves read as the other input."""
+    stored = next(r for r in report["result"]["rows"] if r["kind"] == "ensemble")["error_map"]
+    em = load_error_map(stored)
+    other = tmp_path / "other_input.json"
+    other.write_text(json.dumps({**em, "inputs": "confidence" if em["inputs"] == "map" else "map"}))
+    case = sorted(f[:-4] for f in os.listdir(members["maps"][0]) if f.endswith(".npz"))[0]
+    mean, _, pooled, _ = _pooled_by_hand(members["maps"], case)
+    for i, path in enumerate((stored, str(other))):
+        fit = load_error_map(path)
+        out = str(tmp_path / f"ensemble{i}")
+        ensemble.main(["-i", *members["maps"], "-o", out, "-np", "1", "--error_map", path])
+        got = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, case + "_uncertainty.nii.gz")))
+        seg = mean.argmax(0)
+        q = np.clip(mean, 1e-6, 1 - 1e-6)  # the export logits' clamp: log q, renormalised by the softmax
+        top = np.sort(q / q.sum(0), 0)
+        x = pooled.reshape(seg.shape) if fit["inputs"] == "map" else 1 - (top[-1] - top[-2])
+        expected = apply_error_map(torch.from_numpy(x.astype(np.float32)), seg, fit).numpy()
+        np.testing.assert_allclose(got.reshape(seg.shape), expected, atol=1e-5)
+        assert got.min() >= 0 and got.max() <= 1
+        assert np.abs(got.reshape(seg.shape) - pooled.reshape(seg.shape)).max() > 0.01  # not the raw pooled map
+
+
+def test_ensemble_command_refuses_a_bad_error_map(report, members, capsys, tmp_path):
+    """A bad --error_map file: one line naming it, a non-zero exit, no output folder; an error map that reads the
+    pooled maps with members that have none: one line naming the missing map, nothing written."""
+    em = load_error_map(next(r for r in report["result"]["rows"] if r["kind"] == "ensemble")["error_map"])
+    garbage, partial = tmp_path / "garbage.json", tmp_path / "partial.json"
+    garbage.write_text("{not json")
+    partial.write_text(json.dumps({"inputs": "map", "labels": {}}))
+    out = tmp_path / "out"
+    for path, says in ((garbage, "not an ensemble error map"), (partial, "missing key 'pooled'"),
+                       (tmp_path / "absent.json", "cannot read the error map")):
+        last = _fail(["-i", *members["maps"], "-o", str(out), "-np", "1", "--error_map", str(path)], capsys,
+                     ensemble.main)
+        assert last.startswith(f"diffnnunet_ensemble: error: {path}: ") and says in last, last
+        assert not out.exists()
+    reads_maps = tmp_path / "reads_maps.json"
+    reads_maps.write_text(json.dumps({**em, "inputs": "map"}))
+    last = _fail(["-i", *members["plain"], "-o", str(out), "-np", "1", "--error_map", str(reads_maps)], capsys,
+                 ensemble.main)
+    assert "_uncertainty.nii.gz: missing; the ensemble's error map reads the members' pooled maps" in last
+    assert members["plain"][0] in last and not out.exists()

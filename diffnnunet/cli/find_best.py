@@ -39,6 +39,32 @@ def member(model) -> dict:
     return {"trainer": model.trainer, "configuration": model.configuration, "plans_identifier": model.plans}
 
 
+def score_uncertainty(rows: list, members_of: dict, models: list, cases: dict, shared: set, reference: str,
+                      folds) -> None:
+    """Every row's AUROC, the held-out AUROC of its error map fitted on the shared validation cases
+    (:mod:`~diffnnunet.inference.find_best_uncertainty`), and each ensemble's fitted error map stored in its
+    folder (``error_map`` in the row: its path, None without errors to fit)."""
+    import math
+
+    from diffnnunet.inference import find_best_uncertainty as fbu
+
+    print(f"fitting every row's error map on the {len(shared)} shared validation cases (the AUROC column)")
+    by_id = {m.identifier: m for m in models}
+    try:
+        fits = fbu.validation_uncertainty({r["name"]: [by_id[i] for i in members_of[r["name"]]] for r in rows},
+                                          cases, shared, reference)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for row in rows:
+        fit = fits[row["name"]]
+        row["AUROC"] = fbu.held_out_auroc(fit)
+        row["AUROC_input"] = None if fit is None else fit["inputs"]
+        row["AUROC_by_input"] = {} if fit is None else {
+            k: None if math.isnan(v) else float(v) for k, v in fit["validation_auroc"].items()}
+        if row["kind"] == "ensemble":
+            row["error_map"] = fbu.store_ensemble_error_map(row["source"], fit, row["members"], folds, len(shared))
+
+
 def compare(args, dataset_name: str) -> dict:
     """The whole flow (module docstring); returns the result that ``write_report`` writes."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -83,6 +109,7 @@ def compare(args, dataset_name: str) -> dict:
             row["budget"] = [fb.budget(m1), fb.budget(m2)]
             rows.append(row)
             members_of[name] = [m1.identifier, m2.identifier]
+    score_uncertainty(rows, members_of, models, cases, shared, reference, args.f)
     timing_note = "timing off (--no_timing)"
     if not args.no_timing:
         device = parse_device(args.device)

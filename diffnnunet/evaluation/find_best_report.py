@@ -14,7 +14,10 @@ DEFAULT_TOLERANCE = 0.005
 
 
 def row_from_summary(name: str, kind: str, members: list, source: str, summary: dict) -> dict:
-    """One report row from a summary.json (nnU-Net's schema plus HD95, NSD and ``uncertainty``)."""
+    """One report row from a summary.json (nnU-Net's schema plus HD95, NSD and ``uncertainty``). ``AUROC`` starts as
+    the summary's (the raw map against the errors); diffnnunet_find_best_configuration replaces it with the
+    held-out AUROC of the row's fitted error map and sets ``AUROC_input`` (the input the fit chose: ``map`` or
+    ``confidence``), ``AUROC_by_input`` and, for ensembles, ``error_map`` (the stored fit's path)."""
     fg = summary["foreground_mean"]
     unc = summary.get("uncertainty") or {}
     return {"name": name, "kind": kind, "members": members, "source": source,
@@ -22,6 +25,7 @@ def row_from_summary(name: str, kind: str, members: list, source: str, summary: 
             "Dice": _num(fg["Dice"]), "Dice_per_label": {str(k): _num(v["Dice"]) for k, v in summary["mean"].items()},
             "HD95": _num(fg.get("HD95")), "NSD": _num(fg.get("NSD")),
             "ECE": _num(unc.get("ECE")), "AUROC": _num(unc.get("AUROC_uncertainty_vs_error")),
+            "AUROC_input": None, "AUROC_by_input": {}, "error_map": None,
             "budget": None, "seconds_per_case": None, "pareto": False}
 
 
@@ -57,6 +61,16 @@ def _fmt(x, digits=4):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _auroc_text(row: dict) -> str:
+    """The AUROC and the input its error map reads: ``map`` (a model's native map), ``pooled map`` (an ensemble's
+    U), ``margin`` (the exported probabilities')."""
+    if row["AUROC"] is None or row.get("AUROC_input") is None:
+        return _fmt(row["AUROC"])
+    source = "margin" if row["AUROC_input"] == "confidence" else (
+        "pooled map" if row["kind"] == "ensemble" else "map")
+    return f"{_fmt(row['AUROC'])} ({source})"
+
+
 def _budget_text(budget) -> str:
     if not budget:
         return "–"
@@ -81,7 +95,7 @@ def markdown_table(rows: list, best=None, cheapest=None) -> str:
         mark = " **(best)**" if best is r else ""
         mark += " **(cheapest)**" if cheapest is r and cheapest is not best else ""
         cells = ([r["name"] + mark, _fmt(r["Dice"])] + [_fmt(r["Dice_per_label"].get(k)) for k in labels]
-                 + [_fmt(r["HD95"], 2), _fmt(r["NSD"]), _fmt(r["ECE"]), _fmt(r["AUROC"]), _budget_text(r["budget"]),
+                 + [_fmt(r["HD95"], 2), _fmt(r["NSD"]), _fmt(r["ECE"]), _auroc_text(r), _budget_text(r["budget"]),
                     _fmt(r["seconds_per_case"], 2), "yes" if r["pareto"] else ""])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -140,8 +154,12 @@ def instructions(dataset: str, folds, choice: dict, num_processes: int) -> list:
     lines = ["Run inference like this:", ""]
     lines += [predict_command(dataset, m, folds, o, len(members) > 1) for m, o in zip(members, outs)]
     if len(members) > 1:
-        lines += ["", "Then ensemble the members (mean probabilities, pooled uncertainty maps) with:", "",
-                  f"diffnnunet_ensemble -i {' '.join(outs)} -o OUTPUT_FOLDER -np {num_processes}"]
+        error_map = choice.get("error_map")
+        lines += ["", "Then ensemble the members (mean probabilities, pooled uncertainty maps"
+                  + (", recalibrated by the ensemble's error map into P(wrong label)) with:" if error_map else
+                     ": a ranking score, no error map was fitted) with:"), "",
+                  f"diffnnunet_ensemble -i {' '.join(outs)} -o OUTPUT_FOLDER -np {num_processes}"
+                  + (f" --error_map {error_map}" if error_map else "")]
     pp = choice["postprocessing"]
     steps = [f"{fn}({', '.join(f'{k}={v}' for k, v in kw.items())})" for fn, kw in zip(pp["functions"], pp["kwargs"])]
     lines += ["", "Once inference is completed, run postprocessing like this "
@@ -177,9 +195,10 @@ def write_report(out_dir: str, result: dict, num_processes: int) -> dict:
     drawn = plot_dice_vs_time(rows, paths["png"])
     md = [f"# find_best_configuration: {result['dataset_name']}", "",
           f"Validation cases compared: {result['n_shared']} (shared by every model; folds "
-          f"{' '.join(str(f) for f in result['folds'])}). Dice, HD95, NSD: foreground means over the cases; ECE and "
-          "AUROC pooled over voxels (AUROC of the uncertainty against the errors: the validation's normalised "
-          "entropy for models, the pooled map for ensembles). s/case: diffnnunet_predict --save_uncertainty at "
+          f"{' '.join(str(f) for f in result['folds'])}). Dice, HD95, NSD: foreground means over the cases; ECE "
+          "pooled over voxels; AUROC of the uncertainty against the errors, held out: every row's error map (as the "
+          "end-of-training tuning fits one) fitted on half of the cases scores the other half, the input it reads "
+          "in brackets (documentation/which_method.md). s/case: diffnnunet_predict --save_uncertainty at "
           f"the tuned budget, {result['timing_note']}.", "",
           markdown_table(rows, best, cheapest), "",
           f"Best by Dice: {best['name']}.",

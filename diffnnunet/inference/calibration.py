@@ -62,16 +62,25 @@ VOXELS_PER_CASE = 50_000
 INPUTS = ("map", "confidence")
 
 
+def voxel_subset(reference: np.ndarray, label_manager, rng: np.random.Generator,
+                 max_voxels: int = VOXELS_PER_CASE) -> np.ndarray:
+    """The flat indices ``(n,)`` (sorted) of the voxels of a reference label map ``(*spatial)`` that a fit reads:
+    every voxel but the ignore label's, a seeded random ``max_voxels`` of them when there are more."""
+    ref = np.asarray(reference).reshape(-1)
+    idx = np.flatnonzero(np.ones(ref.shape, bool) if label_manager.ignore_label is None
+                         else ref != label_manager.ignore_label)
+    if idx.size > max_voxels:
+        idx = np.sort(rng.choice(idx, max_voxels, replace=False))
+    return idx
+
+
 def sample_voxels(logits: torch.Tensor, reference: np.ndarray, label_manager, rng: np.random.Generator,
                   max_voxels: int = VOXELS_PER_CASE) -> tuple[np.ndarray, np.ndarray]:
     """``logits`` ``(C, *spatial)``, ``reference`` ``(*spatial)`` label ids -> (logits ``(n, C)``, targets): label
     ids ``(n,)`` for labels, region masks ``(n, R)`` for regions; ignore-label voxels left out."""
     z = logits.float().cpu().reshape(logits.shape[0], -1).T.numpy()
     ref = np.asarray(reference).reshape(-1)
-    keep = np.ones(ref.shape, bool) if label_manager.ignore_label is None else ref != label_manager.ignore_label
-    idx = np.flatnonzero(keep)
-    if idx.size > max_voxels:
-        idx = np.sort(rng.choice(idx, max_voxels, replace=False))
+    idx = voxel_subset(ref, label_manager, rng, max_voxels)
     if label_manager.has_regions:
         target = np.stack([np.isin(ref[idx], r) for r in label_manager.foreground_regions], 1).astype(np.float32)
     else:
@@ -149,10 +158,7 @@ def error_voxels(segmentation: np.ndarray, uncertainty: np.ndarray | None, refer
     ``(n, C)``) of a seeded voxel subset, ignore-label voxels left out; wrong = the predicted label differs from the
     reference (as ``diffnnunet_evaluate`` counts errors)."""
     seg, ref = np.asarray(segmentation).reshape(-1), np.asarray(reference).reshape(-1)
-    idx = np.flatnonzero(np.ones(ref.shape, bool) if label_manager.ignore_label is None
-                         else ref != label_manager.ignore_label)
-    if idx.size > max_voxels:
-        idx = np.sort(rng.choice(idx, max_voxels, replace=False))
+    idx = voxel_subset(ref, label_manager, rng, max_voxels)
     u = None if uncertainty is None else np.asarray(uncertainty, dtype=np.float64).reshape(-1)[idx]
     z = torch.as_tensor(logits).float().cpu().reshape(logits.shape[0], -1)
     return seg[idx].astype(np.int64), u, seg[idx] != ref[idx], z[:, torch.from_numpy(idx)].T.numpy()
@@ -258,6 +264,22 @@ def upgrade_error_map(error_map: dict) -> dict:
             "labels": source["labels"]}
 
 
+def checked_error_map(error_map: dict) -> dict:
+    """A stored error map (sampling.json's, an ensemble's error_map.json) as :func:`apply_error_map` reads it:
+    upgraded (:func:`upgrade_error_map`), with a known input and curves of finite knots and values in [0, 1] of
+    equal, non-zero length; ValueError (KeyError, TypeError for a wrong structure) otherwise."""
+    error_map = upgrade_error_map(error_map)
+    if error_map["inputs"] not in INPUTS:
+        raise ValueError(f"error_map: unknown inputs '{error_map['inputs']}'")
+    for curve in [error_map["pooled"], *error_map["labels"].values()]:
+        if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
+            raise ValueError("error_map: knots and values differ in length")
+        u, e = np.asarray(curve["u"], np.float64), np.asarray(curve["error"], np.float64)
+        if not (np.isfinite(u).all() and np.isfinite(e).all() and e.min() >= 0 and e.max() <= 1):
+            raise ValueError("error_map: knots not finite or error rates outside [0, 1]")
+    return error_map
+
+
 def apply_error_map(x: torch.Tensor, segmentation: torch.Tensor, error_map: dict) -> torch.Tensor:
     """The error map's input ``x`` ``(*spatial)`` (the native map u for ``inputs`` ``map``, the exported margin
     complement h for ``confidence``; :func:`error_map_input`) and the predicted label map ``(*spatial)`` -> the
@@ -301,13 +323,7 @@ def load_tuned_sampling(model_folder: str) -> dict | None:
                 raise ValueError(f"temperature {out['temperature']} is not > 0")
             error_map = tuned["calibration"].get("error_map")
             if error_map:
-                error_map = upgrade_error_map(error_map)
-                if error_map["inputs"] not in INPUTS:
-                    raise ValueError(f"error_map: unknown inputs '{error_map['inputs']}'")
-                for curve in [error_map["pooled"], *error_map["labels"].values()]:
-                    if len(curve["u"]) != len(curve["error"]) or not curve["u"]:
-                        raise ValueError("error_map: knots and values differ in length")
-                out["error_map"] = error_map
+                out["error_map"] = checked_error_map(error_map)
         return out
     except (ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"{path}: unreadable sampling budget or calibration ({e}); delete it or re-run "

@@ -14,15 +14,28 @@ members' exported probabilities. Members without maps enter with u_m = H(p_m), s
 what the evaluation reads from the ensemble's ``.npz``. When the members' maps are their calibrated error maps
 (the estimated P(wrong) that ``diffnnunet_predict --save_uncertainty`` writes after tuning), U is the members' mean
 P(wrong) raised by their disagreement: a ranking score in [0, 1], no longer a calibrated probability.
+
+**The ensemble's error map.** ``diffnnunet_find_best_configuration`` fits, for every ensemble of two models, the
+error map a single model gets at the end of training (:func:`~diffnnunet.inference.calibration.fit_error_map`) on
+the validation cases, with U and the margin of p_mean as its two inputs
+(:mod:`~diffnnunet.inference.find_best_uncertainty`), and stores it as ``error_map.json``
+(:data:`ERROR_MAP_FILE`) in the ensemble's folder. Given that file (``diffnnunet_ensemble --error_map``),
+:func:`merge_case` writes instead of U the estimated probability that the ensemble's label is wrong: the curve of
+the voxel's predicted label at U (input ``map``) or at h = 1 - (p_(1) - p_(2)) of p_mean (input ``confidence``),
+as :func:`~diffnnunet.inference.calibration.apply_error_map` does for a single model.
 """
 from __future__ import annotations
 
+import functools
 import os
 from itertools import starmap
 
 import numpy as np
 
 from diffnnunet.utils import atomic_outputs, partial_path
+
+#: the ensemble's error map, written by diffnnunet_find_best_configuration into the ensemble's folder
+ERROR_MAP_FILE = "error_map.json"
 
 
 def jensen_shannon(probabilities: list, has_regions: bool) -> np.ndarray:
@@ -45,6 +58,55 @@ def pooled_uncertainty(probabilities: list, maps: list | None, has_regions: bool
     return np.clip(within + jensen_shannon(probabilities, has_regions), 0, 1).astype(np.float32)
 
 
+def export_logits(probabilities: np.ndarray, has_regions: bool):
+    """Exported probabilities ``(C, *spatial)`` (nnU-Net's softmax for labels, sigmoids for regions) -> logits
+    ``(C, *spatial)`` float32 tensor that nnU-Net's nonlinearity maps back onto them: log p (labels) or logit p
+    (regions), p clamped to [1e-6, 1 - 1e-6] (:func:`~diffnnunet.inference.predictor.probabilities_to_logits`)."""
+    import torch
+
+    from diffnnunet.inference.predictor import probabilities_to_logits
+    return probabilities_to_logits(torch.as_tensor(np.asarray(probabilities, np.float32)), has_regions,
+                                   "categorical")
+
+
+def calibrated_map(pooled: np.ndarray, probabilities: np.ndarray, segmentation: np.ndarray, has_regions: bool,
+                   error_map: dict) -> np.ndarray:
+    """The ensemble's error map applied (module docstring): the pooled map U ``(*spatial)``, the mean probabilities
+    ``(C, *spatial)`` and their segmentation ``(*spatial)`` -> float32 ``(*spatial)`` in [0, 1]."""
+    import torch
+
+    from diffnnunet.inference.calibration import apply_error_map, error_map_input
+    x = error_map_input(error_map, torch.from_numpy(np.asarray(pooled, np.float32)),
+                        export_logits(probabilities, has_regions), has_regions)
+    return apply_error_map(x, np.asarray(segmentation), error_map).numpy()
+
+
+def load_error_map(path: str) -> dict:
+    """An ensemble's ``error_map.json`` (:func:`write_error_map`), checked
+    (:func:`~diffnnunet.inference.calibration.checked_error_map`); ValueError naming ``path`` otherwise."""
+    import json
+
+    from diffnnunet.inference.calibration import checked_error_map
+    try:
+        with open(path) as f:
+            return checked_error_map(json.load(f))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the error map ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ValueError(f"{path}: not an ensemble error map ({what}; diffnnunet_find_best_configuration writes "
+                         f"it as ensembles/ENSEMBLE/{ERROR_MAP_FILE})") from None
+
+
+def write_error_map(path: str, error_map: dict) -> None:
+    """``error_map`` as JSON at ``path``, through a temporary name (no half-written file)."""
+    import json
+    with atomic_outputs() as written:
+        written.append(path)
+        with open(partial_path(path), "w") as f:
+            json.dump(error_map, f, indent=2)
+
+
 def uncertainty_file(truncated: str, file_ending: str) -> str:
     """``CASE_uncertainty<ending>`` beside ``CASE<ending>`` (``truncated`` = the path without the ending)."""
     from diffnnunet.config import UNCERTAINTY_SUFFIX
@@ -52,12 +114,15 @@ def uncertainty_file(truncated: str, file_ending: str) -> str:
 
 
 def merge_case(list_of_files, output_filename_truncated: str, output_file_ending: str, image_reader_writer,
-               label_manager, save_probabilities: bool = False, always_save_probabilities: bool = False) -> None:
+               label_manager, save_probabilities: bool = False, always_save_probabilities: bool = False,
+               member_maps: bool = True, error_map: dict | None = None) -> None:
     """Drop-in for nnU-Net's ``ensembling.ensemble.merge_files`` (same positional arguments): the mean of the
     members' probabilities (nnU-Net's ``average_probabilities``) -> segmentation, plus the pooled uncertainty map
-    (float32, the geometry of the members' ``.pkl``) and, with ``save_probabilities`` (or
-    ``always_save_probabilities``, which the cross-validation ensembles use for their ECE), ``.npz``/``.pkl``.
-    Every file goes through a temporary name, the segmentation renamed last."""
+    (float32, the geometry of the members' ``.pkl``; with ``error_map``, that map recalibrated,
+    :func:`calibrated_map`) and, with ``save_probabilities`` (or ``always_save_probabilities``, which the
+    cross-validation ensembles use for their ECE), ``.npz``/``.pkl``. ``member_maps=False`` leaves the members'
+    ``CASE_uncertainty`` files unread (each member enters with H(p_m)). Every file goes through a temporary name,
+    the segmentation renamed last."""
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
     from nnunetv2.ensembling.ensemble import average_probabilities
 
@@ -67,7 +132,7 @@ def merge_case(list_of_files, output_filename_truncated: str, output_file_ending
     probabilities = average_probabilities(list_of_files)
     members = [np.load(f)["probabilities"] for f in list_of_files]
     map_files = [uncertainty_file(f[:-4], output_file_ending) for f in list_of_files]
-    present = [os.path.isfile(f) for f in map_files]
+    present = [member_maps and os.path.isfile(f) for f in map_files]
     if any(present) and not all(present):
         missing = map_files[present.index(False)]
         raise FileNotFoundError(f"{missing}: uncertainty map missing while other members have theirs (predict "
@@ -78,8 +143,13 @@ def merge_case(list_of_files, output_filename_truncated: str, output_file_ending
         for f, u, p in zip(map_files, maps, members):
             if u.shape != p.shape[1:]:
                 raise ValueError(f"{f}: shape {u.shape} differs from its probabilities' {p.shape[1:]}")
+    if error_map is not None and error_map["inputs"] == "map" and maps is None:
+        raise FileNotFoundError(f"{map_files[0]}: missing; the ensemble's error map reads the members' pooled maps "
+                                "(predict every member with --save_uncertainty)")
     pooled = pooled_uncertainty(members, maps, label_manager.has_regions)
     segmentation = label_manager.convert_probabilities_to_segmentation(probabilities)
+    if error_map is not None:
+        pooled = calibrated_map(pooled, probabilities, segmentation, label_manager.has_regions, error_map)
     seg_file = output_filename_truncated + output_file_ending
     with atomic_outputs() as written:
         if save_probabilities or always_save_probabilities:
@@ -138,9 +208,10 @@ def without_uncertainty_maps(subfiles):
 
 
 def ensemble_prediction_folders(folders: list, output_folder: str, save_npz: bool = False,
-                                num_processes: int = 2) -> list:
-    """nnU-Net's ``ensemble_folders`` with :func:`merge_case` (pooled uncertainty, atomic files) after checks that
-    name what is missing; plans.json is copied too. Returns the case identifiers written.
+                                num_processes: int = 2, error_map: dict | None = None) -> list:
+    """nnU-Net's ``ensemble_folders`` with :func:`merge_case` (pooled uncertainty, recalibrated by ``error_map``
+    when given: :func:`load_error_map`; atomic files) after checks that name what is missing; plans.json is copied
+    too. Returns the case identifiers written.
     Raises FileNotFoundError / ValueError with one line naming the folder and file."""
     import shutil
 
@@ -173,6 +244,10 @@ def ensemble_prediction_folders(folders: list, output_folder: str, save_npz: boo
             missing = sorted(here - maps)[0]
             raise FileNotFoundError(f"{uncertainty_file(os.path.join(folder, missing), ending)}: uncertainty map "
                                     "missing (predict with --save_uncertainty for every case, or for none)")
+        if error_map is not None and error_map["inputs"] == "map" and not maps:
+            raise FileNotFoundError(f"{uncertainty_file(os.path.join(folder, sorted(here)[0]), ending)}: missing; "
+                                    "the ensemble's error map reads the members' pooled maps (predict every member "
+                                    "with --save_uncertainty)")
         if cases is not None and here != cases:
             odd = sorted(here ^ cases)[0]
             where = folder if odd not in here else folders[0]
@@ -181,7 +256,8 @@ def ensemble_prediction_folders(folders: list, output_folder: str, save_npz: boo
         cases = here
     os.makedirs(output_folder, exist_ok=True)
     serial = swapped(ensemble_module, "multiprocessing", SerialMultiprocessing()) if num_processes <= 1 else None
-    with swapped(ensemble_module, "merge_files", merge_case):
+    merge = merge_case if error_map is None else functools.partial(merge_case, error_map=error_map)
+    with swapped(ensemble_module, "merge_files", merge):
         if serial is None:
             ensemble_module.ensemble_folders(list(folders), output_folder, save_npz, num_processes)
         else:

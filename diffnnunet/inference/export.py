@@ -59,10 +59,10 @@ def write_probabilities(output_truncated: str, probabilities: np.ndarray, proper
 
 def export_prediction_atomically(predicted_logits, properties: dict, configuration_manager, plans_manager,
                                  dataset_json, output_file_truncated: str, save_probabilities: bool = False,
-                                 save_uncertainty: bool = False) -> None:
+                                 save_uncertainty: bool = False, native_only: bool = False) -> None:
     """Drop-in for nnU-Net's ``export_prediction_from_logits`` (same positional arguments). A channel beyond the
     label manager's heads is the method's native uncertainty (see DiffusionPredictor); without one the uncertainty
-    map is the normalized entropy of the exported probabilities."""
+    map is the normalized entropy of the exported probabilities (with ``native_only``: no map is written then)."""
     if isinstance(dataset_json, str):
         dataset_json = load_json(dataset_json)
     label_manager = plans_manager.get_label_manager(dataset_json)
@@ -79,7 +79,7 @@ def export_prediction_atomically(predicted_logits, properties: dict, configurati
     with atomic_outputs() as written:
         if save_probabilities:
             write_probabilities(output_file_truncated, probabilities, properties, written)
-        if save_uncertainty:
+        if save_uncertainty and (native is not None or not native_only):
             unc = output_file_truncated + UNCERTAINTY_SUFFIX + ending
             written.append(unc)
             uncertainty = (normalized_entropy(probabilities, label_manager.has_regions) if native is None else

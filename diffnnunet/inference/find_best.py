@@ -4,7 +4,8 @@ their validation ``.npz`` (``ensemble_crossvalidations``), all evaluated with di
 ECE, uncertainty AUROC) on the validation cases every model shares, the predict time per case measured, and
 nnU-Net's postprocessing determined (``determine_postprocessing``). nnU-Net's functions are called, not copied; the
 seams are module attributes swapped with :func:`diffnnunet.utils.swapped` (metric function, file listings,
-ensemble merge, the process pool for ``-np 1``)."""
+ensemble merge, the process pool for ``-np 1``). The AUROC column and the ensembles' error maps:
+:mod:`~diffnnunet.inference.find_best_uncertainty`."""
 from __future__ import annotations
 
 import contextlib
@@ -157,7 +158,9 @@ def accumulate(model: Model, folds, cases: dict, file_ending: str, num_processes
 
 def ensemble(models: list, folds, shared: set, output_folder: str, reference: str, num_processes: int) -> str:
     """nnU-Net's ``ensemble_crossvalidations`` of ``models`` on the ``shared`` validation cases, each case merged
-    by :func:`~diffnnunet.inference.ensembling.merge_case` (probabilities, pooled uncertainty map, ``.npz``), then
+    by :func:`~diffnnunet.inference.ensembling.merge_case` (probabilities, ``.npz``, and as uncertainty map the
+    entropy of the mean: the members' raw validation maps are left unread, they are not what the members export;
+    the ensemble's AUROC and error map come from :mod:`~diffnnunet.inference.find_best_uncertainty`), then
     evaluated with our metrics into ``output_folder/summary.json``."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, subfiles
     from nnunetv2.ensembling import ensemble as module
@@ -165,7 +168,7 @@ def ensemble(models: list, folds, shared: set, output_folder: str, reference: st
 
     from diffnnunet.evaluation.metrics import compute_metrics_on_folder_with_surfaces
 
-    merge = functools.partial(merge_case, always_save_probabilities=True)
+    merge = functools.partial(merge_case, always_save_probabilities=True, member_maps=False)
     with swapped(module, "subfiles", _only_cases(subfiles, shared, ".npz")), swapped(module, "merge_files", merge), \
             _pool_swap(module, num_processes):
         module.ensemble_crossvalidations([m.folder for m in models], output_folder, list(folds),

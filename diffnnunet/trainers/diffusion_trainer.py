@@ -136,17 +136,26 @@ class DiffusionTrainer(EMAMixin, SafeCheckpointMixin, MultiOptimizerMixin, Distr
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
     # -- final validation through the diffusion predictor ------------------------------------------------------------
-    def _make_validation_predictor(self, *args, **kwargs):
+    def _make_validation_predictor(self, *args, save_uncertainty: bool = False, **kwargs):
         from diffnnunet.inference import DiffusionPredictor
         kwargs["use_mirroring"] = False  # the samples already ensemble (documentation/inference.md)
-        return DiffusionPredictor(*args, **kwargs)
+        return DiffusionPredictor(*args, save_uncertainty=save_uncertainty, **kwargs)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's fold validation with the stock predictor swapped for the diffusion predictor and nnU-Net's
-        metrics for diffnnunet's (the same Dice/IoU, plus HD95 and NSD)."""
+        metrics for diffnnunet's (the same Dice/IoU, plus HD95 and NSD). With ``save_probabilities`` (``--npz``)
+        each case's native uncertainty map (the raw chains' map in the plans' measure, at the plans' budget) is
+        written beside its ``.npz`` as ``CASE_uncertainty`` when the method gives one (none with one sample per
+        step), for diffnnunet_find_best_configuration's error maps; not for a configuration with a next stage,
+        whose export nnU-Net's validation does outside the swapped function."""
+        import functools
+
         from diffnnunet.evaluation.metrics import compute_metrics_on_folder_with_surfaces
         from diffnnunet.inference.export import export_prediction_atomically
-        with swapped(trainer_module, "nnUNetPredictor", self._make_validation_predictor), \
-                swapped(trainer_module, "export_prediction_from_logits", export_prediction_atomically), \
+        maps = bool(save_probabilities) and not self.configuration_manager.next_stage_names
+        predictor = functools.partial(self._make_validation_predictor, save_uncertainty=maps)
+        export = functools.partial(export_prediction_atomically, save_uncertainty=maps, native_only=True)
+        with swapped(trainer_module, "nnUNetPredictor", predictor), \
+                swapped(trainer_module, "export_prediction_from_logits", export), \
                 swapped(trainer_module, "compute_metrics_on_folder", compute_metrics_on_folder_with_surfaces):
             super().perform_actual_validation(save_probabilities)
