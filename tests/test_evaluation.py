@@ -214,8 +214,7 @@ def test_within_label_auroc_by_hand():
     correct (case 0), 0.9 wrong (case 1) -> pairs (0.3 < 0.8, 0.9 > 0.8) = 1/2. Label 2: no error -> None. The
     unweighted mean over labels is (0 + 1/2) / 2 = 1/4, not the pooled AUROC (errors 0.1, 0.3, 0.9 against 0.2,
     0.8, 0.2 ...) nor a voxel-weighted mean (2/5 x 0 + 3/5 x 1/2 = 0.3)."""
-    from diffnnunet.evaluation.metrics import within_label_auroc
-    from diffnnunet.evaluation.uncertainty import uncertainty_counts
+    from diffnnunet.evaluation.uncertainty import uncertainty_counts, within_label_auroc
     case0 = {0: uncertainty_counts(np.array([0.1, 0.2]), np.array([True, False])),
              1: uncertainty_counts(np.array([0.3, 0.8]), np.array([True, False])),
              2: uncertainty_counts(np.array([0.4, 0.7]), np.array([False, False]))}

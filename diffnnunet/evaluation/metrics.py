@@ -93,6 +93,7 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
         brier_sums,
         calibration_bins,
         confidence_and_correctness,
+        counts_by_label,
         normalized_entropy,
         overlap_counts,
         uncertainty_counts,
@@ -117,10 +118,7 @@ def _uncertainty_stats(prediction_file, seg_ref, seg_pred, ignore, labels_or_reg
         return out
     wrong = seg_pred[0] != seg_ref[0]
     out["_unc_counts"] = uncertainty_counts(unc[valid], wrong[valid])
-    predicted = seg_pred[0]
-    out["_unc_counts_by_label"] = {int(c): uncertainty_counts(unc[valid & (predicted == c)],
-                                                              wrong[valid & (predicted == c)])
-                                   for c in np.unique(predicted[valid])}
+    out["_unc_counts_by_label"] = counts_by_label(unc, wrong, seg_pred[0], valid)
     uncertain = (unc > OVERLAP_THRESHOLD) & valid
     out["_overlap"] = np.stack([overlap_counts(uncertain, (region_or_label_to_mask(seg_pred[0], r)
                                                            != region_or_label_to_mask(seg_ref[0], r)) & valid)
@@ -141,6 +139,7 @@ def pool_uncertainty(results: list[dict], labels_or_regions) -> tuple[dict | Non
         ece_from_bins,
         merge_counts,
         optimal_aurc,
+        within_label_auroc,
     )
 
     got = {k: [c.pop(k) for c in results if k in c]
@@ -178,23 +177,6 @@ def pool_uncertainty(results: list[dict], labels_or_regions) -> tuple[dict | Non
         section["AUROC_uncertainty_vs_error"] = None
     section["n_cases"] = max(len(v) for v in got.values())
     return section, pooled
-
-
-def within_label_auroc(by_label: list[dict]) -> dict:
-    """Per-case ``{predicted label: uncertainty_counts}`` -> ``AUROC_within_predicted_label`` (per predicted
-    label, the AUROC of the map against the errors among the voxels predicted as that label, pooled over cases;
-    None where that label has no error or no correct voxel) and ``AUROC_within_label_mean`` (their unweighted
-    mean, None when no label has both): how well the map ranks errors inside a label, which the pooled AUROC
-    mixes with how well it separates labels of different error rates."""
-    from diffnnunet.evaluation.uncertainty import auroc_from_histograms, merge_counts
-    labels = sorted({c for case in by_label for c in case})
-    per_label = {}
-    for c in labels:
-        value = auroc_from_histograms(merge_counts([case[c] for case in by_label if c in case])["counts"])
-        per_label[str(c)] = None if np.isnan(value) else value
-    scored = [v for v in per_label.values() if v is not None]
-    return {"AUROC_within_predicted_label": per_label,
-            "AUROC_within_label_mean": float(np.mean(scored)) if scored else None}
 
 
 def _split_ending(path: str) -> tuple[str, str]:

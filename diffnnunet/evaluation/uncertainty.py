@@ -76,6 +76,14 @@ def uncertainty_counts(uncertainty: np.ndarray, wrong: np.ndarray) -> dict:
     return coarsen_counts({"keys": keys, "counts": counts.astype(np.int64), "shift": 0})
 
 
+def counts_by_label(uncertainty: np.ndarray, wrong: np.ndarray, predicted: np.ndarray, valid: np.ndarray) -> dict:
+    """One case's :func:`uncertainty_counts` per predicted label: uncertainty, wrong, predicted label map and the
+    voxels to count (ignore label left out), each ``(*spatial)`` -> ``{label: counts}`` for every label predicted
+    on a valid voxel (:func:`within_label_auroc` pools them over cases)."""
+    return {int(c): uncertainty_counts(uncertainty[valid & (predicted == c)], wrong[valid & (predicted == c)])
+            for c in np.unique(predicted[valid])}
+
+
 def coarsen_counts(stats: dict, shift: int | None = None, max_distinct: int = MAX_DISTINCT) -> dict:
     """Merge values that share all but the low ``shift`` mantissa bits (with ``shift=None``: the smallest shift, at
     most ``MAX_SHIFT``, leaving ``max_distinct`` values or fewer). A float32 grid of relative width 2^(shift - 23),
@@ -222,3 +230,19 @@ def confidence_and_correctness(probabilities: np.ndarray, reference: np.ndarray,
         conf.append(np.maximum(p, 1 - p))
         correct.append((p > 0.5) == ref)
     return np.stack(conf), np.stack(correct)
+
+
+def within_label_auroc(by_label: list[dict]) -> dict:
+    """Per-case ``{predicted label: uncertainty_counts}`` -> ``AUROC_within_predicted_label`` (per predicted
+    label, the AUROC of the map against the errors among the voxels predicted as that label, pooled over cases;
+    None where that label has no error or no correct voxel) and ``AUROC_within_label_mean`` (their unweighted
+    mean, None when no label has both): how well the map ranks errors inside a label, which the pooled AUROC
+    mixes with how well it separates labels of different error rates."""
+    labels = sorted({c for case in by_label for c in case})
+    per_label = {}
+    for c in labels:
+        value = auroc_from_histograms(merge_counts([case[c] for case in by_label if c in case])["counts"])
+        per_label[str(c)] = None if np.isnan(value) else value
+    scored = [v for v in per_label.values() if v is not None]
+    return {"AUROC_within_predicted_label": per_label,
+            "AUROC_within_label_mean": float(np.mean(scored)) if scored else None}

@@ -80,8 +80,8 @@ def tempered(probabilities: np.ndarray, temperature: float, label_manager) -> np
 
 
 def margin(probabilities: np.ndarray, has_regions: bool) -> np.ndarray:
-    """h ``(n,)`` float32 of exported probabilities ``(C, n)``
-    (:func:`~diffnnunet.inference.calibration.exported_margin`)."""
+    """h float32 ``(n,)`` or ``(*spatial)`` of exported probabilities ``(C, n)`` or ``(C, *spatial)``
+    (:func:`~diffnnunet.inference.calibration.exported_margin` of their logits)."""
     from diffnnunet.inference.calibration import exported_margin
     return exported_margin(export_logits(probabilities, has_regions), has_regions).numpy().astype(np.float32)
 

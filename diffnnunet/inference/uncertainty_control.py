@@ -11,9 +11,15 @@ import os
 import numpy as np
 import torch
 
-from diffnnunet.evaluation.metrics import within_label_auroc
-from diffnnunet.evaluation.uncertainty import auroc_from_histograms, merge_counts, uncertainty_counts
-from diffnnunet.inference.calibration import apply_error_map, exported_margin, load_tuned_sampling
+from diffnnunet.evaluation.uncertainty import (
+    auroc_from_histograms,
+    counts_by_label,
+    merge_counts,
+    uncertainty_counts,
+    within_label_auroc,
+)
+from diffnnunet.inference.calibration import apply_error_map, load_tuned_sampling
+from diffnnunet.inference.find_best_uncertainty import margin
 
 
 def control_curves(model_folder: str) -> dict | None:
@@ -30,8 +36,8 @@ def control_curves(model_folder: str) -> dict | None:
 def control_auroc(prediction_folder: str, reference_folder: str, curves: dict | None) -> dict:
     """``AUROC_control`` and ``AUROC_control_within`` of a prediction folder (CASE.nii.gz + CASE.npz, the exported
     probabilities ``(C, *spatial)``) against the references: the margin complement h of the probabilities
-    (``exported_margin`` of their logarithm, whose softmax they are; the logit per region) through the per-label
-    error-map ``curves`` (``apply_error_map``); both None without curves."""
+    (:func:`~diffnnunet.inference.find_best_uncertainty.margin`, as find_best scores a row's margin) through the
+    per-label error-map ``curves`` (``apply_error_map``); both None without curves."""
     if not curves:
         return {"AUROC_control": None, "AUROC_control_within": None}
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -46,14 +52,12 @@ def control_auroc(prediction_folder: str, reference_folder: str, curves: dict | 
         case = f[:-len(".npz")]
         seg = rw.read_seg(os.path.join(prediction_folder, case + ending))[0][0]
         ref = rw.read_seg(os.path.join(reference_folder, case + ending))[0][0]
-        p = torch.from_numpy(np.load(os.path.join(prediction_folder, f))["probabilities"]).double().clamp(1e-12, 1)
-        z = torch.log(p) - torch.log1p(-p.clamp(max=1 - 1e-12)) if lm.has_regions else torch.log(p)
-        h = apply_error_map(exported_margin(z, lm.has_regions), torch.from_numpy(seg), curves).numpy()
+        h = margin(np.load(os.path.join(prediction_folder, f))["probabilities"], lm.has_regions)
+        h = apply_error_map(torch.from_numpy(h), torch.from_numpy(seg), curves).numpy()
         valid = np.ones(ref.shape, bool) if lm.ignore_label is None else ref != lm.ignore_label
         wrong = seg != ref
         pooled.append(uncertainty_counts(h[valid], wrong[valid]))
-        by_label.append({int(c): uncertainty_counts(h[valid & (seg == c)], wrong[valid & (seg == c)])
-                         for c in np.unique(seg[valid])})
+        by_label.append(counts_by_label(h, wrong, seg, valid))
     auroc = auroc_from_histograms(merge_counts(pooled)["counts"]) if pooled else float("nan")
     return {"AUROC_control": None if np.isnan(auroc) else auroc,
             "AUROC_control_within": within_label_auroc(by_label)["AUROC_within_label_mean"] if by_label else None}
