@@ -42,8 +42,9 @@ from benchmarks.suite import (  # noqa: E402, F401
     run_suite,
     summarise,
     validation_figures,
+    with_overrides,
 )
-from diffnnunet.utils import merge_nested as merge  # noqa: E402  (the plans section and the --set overrides)
+from diffnnunet.utils import merge_nested as merge  # noqa: E402, F401  (the merge --set applies; tested here)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,12 +84,8 @@ def apply_overrides(preprocessed: str, dataset: str, overrides: dict) -> dict:
             continue
         text = open(path).read()
         originals[path] = text
-        plans = json.loads(text)
-        for cfg in plans["configurations"].values():
-            if "diffusion" in cfg:
-                cfg["diffusion"] = merge(cfg["diffusion"], overrides)
         with open(path, "w") as f:
-            json.dump(plans, f, indent=2)
+            json.dump(with_overrides(json.loads(text), overrides), f, indent=2)
     return originals
 
 

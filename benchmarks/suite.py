@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from diffnnunet.utils import write_json
+
 BASELINE = "nnUNetTrainer"
 #: the suite's datasets: (dataset id, configuration); the subjects' are built by diffnnunet.datasets.subjects
 SUITE = {"brain3d": (981, "3d_fullres"), "skullstripped2d": (982, "2d"), "nuclei2d": (983, "2d"), "demo": (990, "2d")}
@@ -129,6 +131,16 @@ def parse_overrides(items) -> dict:
     return out
 
 
+def with_overrides(plans: dict, overrides: dict) -> dict:
+    """``plans`` (a plans.json dict) with the nested ``overrides`` merged into every configuration's diffusion
+    section, in place; returned for convenience."""
+    from diffnnunet.utils import merge_nested
+    for cfg in plans["configurations"].values():
+        if "diffusion" in cfg:
+            cfg["diffusion"] = merge_nested(cfg["diffusion"], overrides)
+    return plans
+
+
 def variant_plans(preprocessed: str, trainer: str, overrides: list) -> tuple[str | None, str]:
     """``--set KEY=VALUE ...`` for a diffusion trainer: a copy of its default plans (same preprocessed data) named
     ``<plans>_set_<key>-<value>...`` with the overrides merged into every configuration's diffusion section
@@ -136,18 +148,13 @@ def variant_plans(preprocessed: str, trainer: str, overrides: list) -> tuple[str
     baseline and runs without overrides: (None, "")."""
     if not overrides or trainer == BASELINE:
         return None, ""
-    from diffnnunet.utils import merge_nested
     tag = "_set_" + "_".join(item.replace("=", "-").replace("/", "-") for item in sorted(overrides))
     base = default_plans(trainer)
     path = os.path.join(preprocessed, base + tag + ".json")
     if not os.path.isfile(path):
-        nested = parse_overrides(overrides)
-        plans = json.load(open(os.path.join(preprocessed, base + ".json")))
+        plans = with_overrides(json.load(open(os.path.join(preprocessed, base + ".json"))), parse_overrides(overrides))
         plans["plans_name"] = base + tag
-        for cfg in plans["configurations"].values():
-            if "diffusion" in cfg:
-                cfg["diffusion"] = merge_nested(cfg["diffusion"], nested)
-        _write_json(path, plans)
+        write_json(path, plans)
     return base + tag, tag
 
 
@@ -253,6 +260,7 @@ def run_suite(args, trainers: list) -> None:
             if not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw),
                                               f"nnUNetPlans_{configuration}")):
                 _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
+            os.makedirs(os.path.join(root, "runs"), exist_ok=True)
             preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
             variants = {t: variant_plans(preprocessed, t, args.set) for t in trainers}
             for seed in seeds:
@@ -265,12 +273,12 @@ def run_suite(args, trainers: list) -> None:
                             results = os.path.join(_seed_env(env, seed)["nnUNet_results"], os.path.basename(raw))
                             row.update({**validation_figures(results, trainer, configuration, plans), **row,
                                         **uncertainty_figures(name, trainer, seed, args, raw, env, log, plans)})
-                            _write_json(done, row)
+                            write_json(done, row)
                         all_runs.append(row)
                         continue
                     start = time.perf_counter()
                     row = suite_run(name, trainer, seed, args, raw, env, log, plans)
-                    _write_json(done, row)
+                    write_json(done, row)
                     all_runs.append(row)
                     print(f"[{name}] {trainer} seed {seed}: Dice {row['Dice']:.4f} HD95 {row['HD95']:.2f} ECE "
                           f"{row['ECE'] or float('nan'):.4f} AUROC {row['AUROC'] or float('nan'):.4f} "
@@ -290,13 +298,6 @@ def run_suite(args, trainers: list) -> None:
               + "error-map input chosen on validation: " + ", ".join(
                   f"{t} {[r.get('error_map_input') for r in runs if r['trainer'] == t]}"
                   for t in dict.fromkeys(r["trainer"] for r in runs)))
-
-
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".partial", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".partial", path)
 
 
 def _mean_sd(runs: list, key: str) -> tuple[float, float]:

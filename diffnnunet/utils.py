@@ -83,6 +83,15 @@ def atomic_outputs():
                 os.remove(partial_path(path))
 
 
+def write_json(path: str, data) -> None:
+    """``data`` as indented JSON at ``path``, written under :func:`partial_path` and renamed (never half-written)."""
+    import json
+    with atomic_outputs() as written:
+        written.append(path)
+        with open(partial_path(path), "w") as f:
+            json.dump(data, f, indent=2)
+
+
 @contextmanager
 def swapped(module, name: str, value):
     """Temporarily replace ``module.name``: the one seam used where nnU-Net hard-codes a class or function

@@ -82,7 +82,7 @@ def calibrated_map(pooled: np.ndarray, probabilities: np.ndarray, segmentation: 
 
 
 def load_error_map(path: str) -> dict:
-    """An ensemble's ``error_map.json`` (:func:`write_error_map`), checked
+    """An ensemble's ``error_map.json`` (written by diffnnunet_find_best_configuration), checked
     (:func:`~diffnnunet.inference.calibration.checked_error_map`); ValueError naming ``path`` otherwise."""
     import json
 
@@ -96,15 +96,6 @@ def load_error_map(path: str) -> dict:
         what = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise ValueError(f"{path}: not an ensemble error map ({what}; diffnnunet_find_best_configuration writes "
                          f"it as ensembles/ENSEMBLE/{ERROR_MAP_FILE})") from None
-
-
-def write_error_map(path: str, error_map: dict) -> None:
-    """``error_map`` as JSON at ``path``, through a temporary name (no half-written file)."""
-    import json
-    with atomic_outputs() as written:
-        written.append(path)
-        with open(partial_path(path), "w") as f:
-            json.dump(error_map, f, indent=2)
 
 
 def uncertainty_file(truncated: str, file_ending: str) -> str:

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffnnunet.inference.ensembling import ERROR_MAP_FILE, export_logits, pooled_uncertainty, write_error_map
+from diffnnunet.inference.ensembling import ERROR_MAP_FILE, export_logits, pooled_uncertainty
+from diffnnunet.utils import write_json
 
 #: validation voxels kept per row over all cases (each case keeps at most VOXELS_PER_CASE of them)
 ROW_VOXELS = 2_000_000
@@ -213,5 +214,5 @@ def store_ensemble_error_map(folder: str, fit: dict | None, members: list, folds
         if os.path.isfile(path):
             os.remove(path)
         return None
-    write_error_map(path, {**fit, "members": members, "folds": list(folds), "cases": int(n_cases)})
+    write_json(path, {**fit, "members": members, "folds": list(folds), "cases": int(n_cases)})
     return path

@@ -10,7 +10,6 @@ preprocessed validation arrays, so no resampling or file I/O enters the comparis
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from diffnnunet.config import DEFAULT_SAMPLES, DEFAULT_STEPS, SAMPLING_FILE
 from diffnnunet.inference.calibration import load_tuned_sampling
-from diffnnunet.utils import partial_path
+from diffnnunet.utils import write_json
 
 __all__ = ["DEFAULT_SAMPLES", "DEFAULT_STEPS", "SAMPLING_FILE", "load_tuned_sampling", "tune_sampling", "choose_budget"]
 
@@ -252,8 +251,5 @@ def _plans_budget(passes: list, calibration: bool, folds, cases: int, checkpoint
 def _write_summary(model_folder: str, summary: dict, write: bool) -> dict:
     """``summary`` into ``model_folder/sampling.json`` (atomically) with ``write``; returns it."""
     if write:
-        path = join(model_folder, SAMPLING_FILE)
-        with open(partial_path(path), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(partial_path(path), path)
+        write_json(join(model_folder, SAMPLING_FILE), summary)
     return summary
