@@ -207,9 +207,10 @@ def test_x0_prediction_loss_and_two_step_sample_by_hand(arch, spatial):
 
 
 def test_seeded_sampler_regression(arch, spatial, dim):
-    """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, and the chains' uncertainty map (the SS-Former's
-    zero-initialised output projection is filled so that its path is pinned too); the paper's eps-prediction."""
-    m = _model(arch, prediction="eps")
+    """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, then + the mean (the default fusion), and the chains'
+    uncertainty map (the SS-Former's zero-initialised output projection is filled so that its path is pinned too);
+    the paper's eps-prediction."""
+    m = _model(arch, prediction="eps", fusion="staple")
     with torch.no_grad():
         m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
                                                  generator=torch.Generator().manual_seed(7)))
@@ -220,9 +221,17 @@ def test_seeded_sampler_regression(arch, spatial, dim):
     assert probs.min() >= 0 and probs.max() <= 1 and unc.min() >= 0 and unc.max() <= 1
     got = [float(v) for v in (probs[0, 0].mean(), probs[0, 1].mean(), unc.mean())]
     assert got == pytest.approx(REGRESSION[dim], abs=2e-4)  # pinned to 4 decimals
+    # the default fusion (mean p of the same seeded chains): same map, other probabilities
+    m.fusion = "mean"
+    probs, unc_mean = m.sample(image, steps=3, samples=3, chunk=2, generator=torch.Generator().manual_seed(42),
+                               return_uncertainty=True)
+    torch.testing.assert_close(unc_mean, unc)
+    got = [float(v) for v in (probs[0, 0].mean(), probs[0, 1].mean())]
+    assert got == pytest.approx(REGRESSION_MEAN[dim], abs=2e-4)
 
 
 REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
+REGRESSION_MEAN = {2: [0.5397, 0.4966], 3: [0.3738, 0.3685]}
 
 
 def test_x0_through_a_sigmoid_by_hand(arch, spatial):
@@ -251,7 +260,8 @@ def test_chains_map_by_hand(arch, spatial):
     x0_theta = 2 sigmoid(z) - 1 = (0.6, -0.6) at every step, so every chain ends at p = (0.8, 0.2). Exclusive
     labels, S = 2: chain class probabilities from the odds 4 and 1/4, (16/17, 1/17); the chains agree: entropy
     h(16/17) = 0.322757 bits, mutual information 0. Regions: mean binary entropy of (0.8, 0.2), h(0.8) = 0.721928.
-    The fused segmentation is class 0."""
+    The fused channel 0 is the chains' mean p = 0.8 (fusion mean, the default); STAPLE of two agreeing decisions
+    is 1."""
     m = _model(arch, classes=2, prediction="x0")
     with torch.no_grad():
         m.diffusion.head.weight.zero_()
@@ -263,7 +273,10 @@ def test_chains_map_by_hand(arch, spatial):
         seg, unc = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0),
                             return_uncertainty=True, uncertainty=measure)
         torch.testing.assert_close(unc, torch.full_like(unc, expected), atol=2e-6, rtol=0)
-        torch.testing.assert_close(seg[:, 0], torch.ones_like(seg[:, 0]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.8), atol=1e-5, rtol=0)
+    m.fusion = "staple"
+    seg = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seg[:, 0], torch.ones_like(seg[:, 0]), atol=1e-3, rtol=0)
     m.multiclass = "per_channel"
     unc = m.sample(image, steps=1, samples=2, return_uncertainty=True, uncertainty="entropy")[1]
     torch.testing.assert_close(unc, torch.full_like(unc, 0.721928), atol=2e-6, rtol=0)

@@ -72,7 +72,8 @@ PAPER = {
              "attention_on": "label", "discriminator_steps": 2, "residual_blocks": True},
     "medsegdiff_v2": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-4},
                       "prediction": "eps", "sampling_steps": 100, "samples_per_step": 10,
-                      "diffusion_image": False, "ss_softmax": False, "ss_dim": None, "max_tokens": None},
+                      "fusion": "staple", "diffusion_image": False, "ss_softmax": False, "ss_dim": None,
+                      "max_tokens": None},
 }
 
 
