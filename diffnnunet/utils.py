@@ -83,13 +83,18 @@ def atomic_outputs():
                 os.remove(partial_path(path))
 
 
-def write_json(path: str, data) -> None:
-    """``data`` as indented JSON at ``path``, written under :func:`partial_path` and renamed (never half-written)."""
-    import json
+def write_text(path: str, text: str) -> None:
+    """``text`` at ``path``, written under :func:`partial_path` and renamed (never half-written)."""
     with atomic_outputs() as written:
         written.append(path)
         with open(partial_path(path), "w") as f:
-            json.dump(data, f, indent=2)
+            f.write(text)
+
+
+def write_json(path: str, data) -> None:
+    """``data`` as indented JSON at ``path``, through :func:`write_text` (never half-written)."""
+    import json
+    write_text(path, json.dumps(data, indent=2))
 
 
 @contextmanager

@@ -3,11 +3,10 @@ ECE, AUROC, budget, predict seconds per case), the Pareto front of Dice against 
 near it, as markdown, JSON, a PNG and nnU-Net-style inference instructions with diffnnunet's commands."""
 from __future__ import annotations
 
-import json
 import math
 import os
 
-from diffnnunet.utils import partial_path
+from diffnnunet.utils import atomic_outputs, partial_path, write_json, write_text
 
 #: "the cheapest within 0.5 Dice points": Dice is a fraction, one point is 0.01
 DEFAULT_TOLERANCE = 0.005
@@ -101,13 +100,6 @@ def markdown_table(rows: list, best=None, cheapest=None) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = partial_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def plot_dice_vs_time(rows: list, path: str) -> bool:
     """PNG of validation Dice against predict seconds per case (log x), the Pareto front joined and marked; False
     (nothing written) when no row is timed."""
@@ -134,10 +126,11 @@ def plot_dice_vs_time(rows: list, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with open(partial_path(path), "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+    with atomic_outputs() as written:
+        written.append(path)
+        with open(partial_path(path), "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    os.replace(partial_path(path), path)
     return True
 
 
@@ -191,7 +184,7 @@ def write_report(out_dir: str, result: dict, num_processes: int) -> dict:
         text += [f"{title}: {choice['name']} (Dice {_fmt(choice['Dice'])}, after postprocessing "
                  f"{_fmt(pp['dice_after'])}; {_fmt(choice['seconds_per_case'], 2)} s per case)", ""]
         text += instructions(result["dataset"], result["folds"], choice, num_processes) + [""]
-    _write_text(paths["instructions"], "\n".join(text))
+    write_text(paths["instructions"], "\n".join(text))
     drawn = plot_dice_vs_time(rows, paths["png"])
     md = [f"# find_best_configuration: {result['dataset_name']}", "",
           f"Validation cases compared: {result['n_shared']} (shared by every model; folds "
@@ -205,13 +198,13 @@ def write_report(out_dir: str, result: dict, num_processes: int) -> dict:
           ("Cheapest within tolerance: " + cheapest["name"] + ".") if cheapest else "Cheapest: not timed.", ""]
     md += [f"![Dice against predict seconds]({os.path.basename(paths['png'])})", ""] if drawn else []
     md += ["Commands: inference_instructions.txt.", ""]
-    _write_text(paths["md"], "\n".join(md))
+    write_text(paths["md"], "\n".join(md))
     if not drawn:
         paths.pop("png")
     public = {k: v for k, v in result.items() if k not in ("best", "cheapest")}
     public["best"] = best["name"]
     public["cheapest"] = cheapest["name"] if cheapest else None
-    _write_text(paths["json"], json.dumps(public, indent=2))
+    write_json(paths["json"], public)
     information = {"dataset_name_or_id": result["dataset"], "folds": list(result["folds"]),
                    "all_results": {r["name"]: r["Dice"] for r in rows}}
     for key, choice in (("best_model_or_ensemble", best), ("cheapest_within_tolerance", cheapest)):
@@ -221,5 +214,5 @@ def write_report(out_dir: str, result: dict, num_processes: int) -> dict:
                                 "postprocessing_file": choice["postprocessing"]["pkl"],
                                 "some_plans_file": choice["postprocessing"]["plans"],
                                 "selected_model_or_models": choice["members"]}
-    _write_text(paths["information"], json.dumps(information, indent=2))
+    write_json(paths["information"], information)
     return paths
