@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from diffnnunet.utils import write_json
+from diffnnunet.utils import merge_nested, write_json
 
 BASELINE = "nnUNetTrainer"
 #: the suite's datasets: (dataset id, configuration); the subjects' are built by diffnnunet.datasets.subjects
@@ -134,7 +134,6 @@ def parse_overrides(items) -> dict:
 def with_overrides(plans: dict, overrides: dict) -> dict:
     """``plans`` (a plans.json dict) with the nested ``overrides`` merged into every configuration's diffusion
     section, in place; returned for convenience."""
-    from diffnnunet.utils import merge_nested
     for cfg in plans["configurations"].values():
         if "diffusion" in cfg:
             cfg["diffusion"] = merge_nested(cfg["diffusion"], overrides)

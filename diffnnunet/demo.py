@@ -15,7 +15,6 @@ import shutil
 import time
 
 from diffnnunet.cli.common import cli_entry
-from diffnnunet.utils import partial_path
 
 DATASET_ID = 990
 #: the baseline and the three diffusion trainers that beat it at this budget (benchmarks.md; LDSegTrainer and
@@ -157,10 +156,8 @@ def _figure(raw: str, predictions: dict, out_png: str, n_cases: int = 3) -> None
     if unc_image is not None:
         bar = fig.colorbar(unc_image, cax=fig.add_axes((0.945, 0.15, 0.012, 0.7)))
         bar.set_label("uncertainty (0 = certain)", fontsize=8)
-    tmp = partial_path(out_png)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    from diffnnunet.evaluation.plots import save_png
+    save_png(fig, out_png)
 
 
 def comparison_table(summaries: dict, raw_summaries: dict, controls: dict) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import os
 
-from diffnnunet.utils import atomic_outputs, partial_path, write_json, write_text
+from diffnnunet.evaluation.plots import save_png
+from diffnnunet.utils import write_json, write_text
 
 #: "the cheapest within 0.5 Dice points": Dice is a fraction, one point is 0.01
 DEFAULT_TOLERANCE = 0.005
@@ -126,11 +127,7 @@ def plot_dice_vs_time(rows: list, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    with atomic_outputs() as written:
-        written.append(path)
-        with open(partial_path(path), "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
     return True
 
 

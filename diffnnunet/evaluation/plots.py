@@ -5,23 +5,22 @@ import os
 
 import numpy as np
 
-from diffnnunet.utils import partial_path
+from diffnnunet.utils import atomic_outputs, partial_path
 
 RELIABILITY_PNG = "reliability.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
 
 
-def _save(fig, path: str) -> None:
-    """Write under the temporary name, then rename: a reader never sees half a PNG."""
+def save_png(fig, path: str, dpi: int = 110) -> None:
+    """``fig`` as a PNG at ``path`` through :func:`~diffnnunet.utils.atomic_outputs` (a reader never sees half a
+    PNG); the figure is closed either way."""
     import matplotlib.pyplot as plt
-    tmp = partial_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_outputs() as written:
+            written.append(path)
+            fig.savefig(partial_path(path), format="png", dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _pyplot():
@@ -51,7 +50,7 @@ def reliability_diagram(bins: np.ndarray, ece: float, path: str) -> None:
     if counts.max() > 0:
         bottom.set_yscale("log")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def risk_coverage_plot(coverage: np.ndarray, risk: np.ndarray, aurc: float, aurc_optimal: float,
@@ -69,7 +68,7 @@ def risk_coverage_plot(coverage: np.ndarray, risk: np.ndarray, aurc: float, aurc
            xlim=(0, 1), ylim=(0, max(float(risk.max()), 1e-3) * 1.05), title="risk-coverage")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_plots(folder: str, pooled: dict, section: dict) -> list[str]:
