@@ -90,6 +90,9 @@ def test_resolution_fills_nested_keys_and_the_plans_win():
     assert resolved["timesteps"] == 4 and resolved["schedule"] == "vp"
     assert resolve_diffusion({"method": "medsegdiff_v2"})["x0_output"] == "linear"  # older plans, as trained
     assert method_defaults("medsegdiff_v2")["x0_output"] == "sigmoid"  # what the planner writes now
+    # a MedSegDiff-V2 model planned before the anchor entered the output was tuned on the chains alone
+    assert (resolve_diffusion({"method": "medsegdiff_v2"})["anchor_weight"], method_defaults("medsegdiff_v2")
+            ["anchor_weight"]) == (0.0, 0.5)
     assert "paper_recipe" not in resolved and resolved["optimizer"]["initial_lr"] == 1e-3
     with pytest.raises(ValueError, match="unknown diffusion method 'nope'"):
         resolve_diffusion({"method": "nope"})

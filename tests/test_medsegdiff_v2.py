@@ -167,7 +167,7 @@ def test_anchor_loss_only_where_t_is_on_the_alpha_grid(arch, spatial):
 def test_one_step_sample_by_hand(arch, spatial):
     """1 step, 1 sample, fusion 'mean': p = (clip(x0_hat, -1, 1) + 1) / 2 with x0_hat = (x_T - sqrt(1 - abar)
     eps_theta) / sqrt(abar) at t = 999 of DDPM's linear schedule; STAPLE of one sample returns its decision."""
-    m = _model(arch, fusion="mean", u_sa=False, prediction="eps")
+    m = _model(arch, fusion="mean", u_sa=False, prediction="eps", anchor_weight=0.0)
     image = torch.randn(1, 2, *spatial)
     x_t = torch.randn((1, 3, *spatial), generator=torch.Generator().manual_seed(3))
     abar = float(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
@@ -185,7 +185,7 @@ def test_x0_prediction_loss_and_two_step_sample_by_hand(arch, spatial):
     """The default recipe's x0-prediction: L_n = ||(2 x0 - 1) - x0_theta||^2 off the anchor grid; two DDIM steps
     (t = 999 -> 0 -> x_0) by hand: x_0' = sqrt(abar_0) x0_hat + sqrt(1 - abar_0) (x_T - sqrt(abar_999) x0_hat) /
     sqrt(1 - abar_999), then p = (clip(x0_theta(x_0', 0), -1, 1) + 1) / 2."""
-    m = _model(arch, fusion="mean", prediction="x0")
+    m = _model(arch, fusion="mean", prediction="x0", anchor_weight=0.0)
     image, x0 = torch.randn(2, 2, *spatial), _onehot(spatial)
     noise = torch.randn(2, 3, *spatial, generator=torch.Generator().manual_seed(1))
     betas = np.linspace(1e-4, 0.02, 1000)
@@ -209,8 +209,9 @@ def test_x0_prediction_loss_and_two_step_sample_by_hand(arch, spatial):
 def test_seeded_sampler_regression(arch, spatial, dim):
     """Pinned numbers of DDIM 3 steps x 3 samples + STAPLE, then + the mean (the default fusion), and the chains'
     uncertainty map (the SS-Former's zero-initialised output projection is filled so that its path is pinned too);
-    the paper's eps-prediction."""
-    m = _model(arch, prediction="eps", fusion="staple")
+    the paper's eps-prediction. The default output then mixes the pinned mean with the anchor: (1 - w) mean +
+    w softmax(anchor logits), w = 1/2, the anchor logits being the bare ``network(x)``."""
+    m = _model(arch, prediction="eps", fusion="staple", anchor_weight=0.0)
     with torch.no_grad():
         m.ss_former.out.weight.copy_(torch.randn(m.ss_former.out.weight.shape,
                                                  generator=torch.Generator().manual_seed(7)))
@@ -228,6 +229,9 @@ def test_seeded_sampler_regression(arch, spatial, dim):
     torch.testing.assert_close(unc_mean, unc)
     got = [float(v) for v in (probs[0, 0].mean(), probs[0, 1].mean())]
     assert got == pytest.approx(REGRESSION_MEAN[dim], abs=2e-4)
+    m.anchor_weight = 0.5
+    mixed = m.sample(image, steps=3, samples=3, chunk=2, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(mixed, 0.5 * probs + 0.5 * torch.softmax(m(image), 1), atol=1e-6, rtol=0)
 
 
 REGRESSION = {2: [0.5625, 0.233, 0.8202], 3: [0.5576, 0.2383, 0.795]}
@@ -260,8 +264,10 @@ def test_chains_map_by_hand(arch, spatial):
     x0_theta = 2 sigmoid(z) - 1 = (0.6, -0.6) at every step, so every chain ends at p = (0.8, 0.2). Exclusive
     labels, S = 2: chain class probabilities from the odds 4 and 1/4, (16/17, 1/17); the chains agree: entropy
     h(16/17) = 0.322757 bits, mutual information 0. Regions: mean binary entropy of (0.8, 0.2), h(0.8) = 0.721928.
-    The fused channel 0 is the chains' mean p = 0.8 (fusion mean, the default); STAPLE of two agreeing decisions
-    is 1."""
+    The chains' mean p is 0.8 on channel 0 and STAPLE of two agreeing decisions is 1; the Condition Model's head is
+    zeroed too, so its anchor probabilities are 1/2 (softmax of equal logits; sigmoid(0) for regions) and the
+    default output (anchor_weight 1/2) is (0.8 + 0.5) / 2 = 0.65 and (1 + 0.5) / 2 = 0.75; without the anchor 0.8
+    and 1. An anchor_weight outside [0, 1] is refused."""
     m = _model(arch, classes=2, prediction="x0")
     with torch.no_grad():
         m.diffusion.head.weight.zero_()
@@ -273,13 +279,23 @@ def test_chains_map_by_hand(arch, spatial):
         seg, unc = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0),
                             return_uncertainty=True, uncertainty=measure)
         torch.testing.assert_close(unc, torch.full_like(unc, expected), atol=2e-6, rtol=0)
-        torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.8), atol=1e-5, rtol=0)
+        torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.65), atol=1e-5, rtol=0)
     m.fusion = "staple"
     seg = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.75), atol=1e-3, rtol=0)
+    m.anchor_weight = 0.0
+    seg = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(seg[:, 0], torch.ones_like(seg[:, 0]), atol=1e-3, rtol=0)
-    m.multiclass = "per_channel"
+    m.fusion = "mean"
+    seg = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.8), atol=1e-5, rtol=0)
+    m.multiclass, m.anchor_weight = "per_channel", 0.5
+    seg = m.sample(image, steps=2, samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seg[:, 0], torch.full_like(seg[:, 0], 0.65), atol=1e-5, rtol=0)
     unc = m.sample(image, steps=1, samples=2, return_uncertainty=True, uncertainty="entropy")[1]
     torch.testing.assert_close(unc, torch.full_like(unc, 0.721928), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="anchor_weight 1.5 is not in"):
+        _model(arch, anchor_weight=1.5)
 
 
 def test_ablation_switches_remove_the_parts(arch):

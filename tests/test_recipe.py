@@ -72,8 +72,8 @@ PAPER = {
              "attention_on": "label", "discriminator_steps": 2, "residual_blocks": True},
     "medsegdiff_v2": {"recipe": "paper", "ema": {"enabled": False}, "optimizer": {**ADAMW, "initial_lr": 1e-4},
                       "prediction": "eps", "sampling_steps": 100, "samples_per_step": 10,
-                      "fusion": "staple", "diffusion_image": False, "ss_softmax": False, "ss_dim": None,
-                      "max_tokens": None},
+                      "fusion": "staple", "anchor_weight": 0.0, "diffusion_image": False, "ss_softmax": False,
+                      "ss_dim": None, "max_tokens": None},
 }
 
 
@@ -119,11 +119,12 @@ PUBLISHED = {
              "samples_per_step": 5, "latent": True, "attention": True, "attention_on": "label",
              "discriminator_steps": 2, "residual_blocks": True, "loss_weights": {"mse": 1.0, "dice": 0.0}},
     # MedSegDiff-V2: linear T = 1000, eps, alpha = 5, beta = 10, N = 4 SS-Former blocks, R = 6 NBP blocks,
-    # 100 steps x 10 samples fused by STAPLE, AdamW 1e-4, x_t alone into the Diffusion Model, no softmax, no
-    # projection down, no token pooling, U-SA + SS-Former + NBP-Filter
+    # 100 steps x 10 samples fused by STAPLE (the chains alone: no anchor in the output), AdamW 1e-4, x_t alone
+    # into the Diffusion Model, no softmax, no projection down, no token pooling, U-SA + SS-Former + NBP-Filter
     "medsegdiff_v2": {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                       "prediction": "eps", "anchor_alpha": 5, "anchor_beta": 10.0, "ss_blocks": 4, "nbp_blocks": 6,
-                      "sampling_steps": 100, "samples_per_step": 10, "fusion": "staple", "u_sa": True,
+                      "sampling_steps": 100, "samples_per_step": 10, "fusion": "staple", "anchor_weight": 0.0,
+                      "u_sa": True,
                       "ss_former": True, "nbp_filter": True, "diffusion_image": False, "ss_softmax": False,
                       "ss_dim": None, "max_tokens": None},
 }

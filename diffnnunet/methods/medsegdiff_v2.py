@@ -85,8 +85,9 @@ class MedSegDiffV2(DiffusionMethod):
             ``nbp_blocks``, ``nbp_width``, ``max_tokens`` (null: no pooling); ``u_sa: "sa"`` the plain spatial
             attention of Table 4; ``diffusion_image`` (the image also enters the Diffusion Model; False: x_t
             alone, the paper's Fig. 1), ``ss_softmax`` (softmax over keys in the spectral attention); ``fusion``
-            (``staple``, the paper, or ``mean``); ``multiclass`` (``categorical``: softmax anchor for exclusive
-            labels; ``per_channel``: sigmoids for regions).
+            (``staple``, the paper, or ``mean``); ``anchor_weight`` (w: the output is (1 - w) fused chains + w
+            the anchor's probabilities; 0 in the paper recipe); ``multiclass`` (``categorical``: softmax anchor for
+            exclusive labels; ``per_channel``: sigmoids for regions).
     """
 
     name = "medsegdiff_v2"
@@ -106,6 +107,7 @@ class MedSegDiffV2(DiffusionMethod):
         self.eta = float(diffusion["eta"])
         self.x0_output = diffusion["x0_output"]
         self.fusion = diffusion["fusion"]
+        self.anchor_weight = float(diffusion["anchor_weight"])
         self.multiclass = diffusion["multiclass"]
         self.multiclass = "categorical" if self.multiclass == "auto" else self.multiclass
         if (self.fusion not in FUSIONS or self.multiclass not in MULTICLASS_MODES
@@ -113,6 +115,8 @@ class MedSegDiffV2(DiffusionMethod):
             raise ValueError(f"MedSegDiff-V2 plans: fusion '{self.fusion}' (known: {', '.join(FUSIONS)}), "
                              f"multiclass '{self.multiclass}' (known: auto, {', '.join(MULTICLASS_MODES)}), "
                              f"x0_output '{self.x0_output}' (known: {', '.join(X0_OUTPUTS)})")
+        if not 0.0 <= self.anchor_weight <= 1.0:
+            raise ValueError(f"MedSegDiff-V2 plans: anchor_weight {self.anchor_weight} is not in [0, 1]")
         if diffusion["u_sa"] not in U_SA_MODES:
             raise ValueError(f"MedSegDiff-V2 plans: u_sa {diffusion['u_sa']!r} (known: true, false, \"sa\")")
         self.diffusion_image = bool(diffusion["diffusion_image"])
@@ -261,13 +265,15 @@ class MedSegDiffV2(DiffusionMethod):
         itself under ``prediction: x0``, clipped to [-1, 1]) on ``image`` ``(B, M, *sp)``, ``chunk`` chains per
         forward; the Condition Model runs once. Each chain's final x0 gives p = (x0 + 1) / 2 and its binary
         decision (:meth:`binarize`); the S decisions are fused by per-channel STAPLE (``fusion`` staple) or the p
-        are averaged (``mean``). Returns ``(B, N, *sp)``;
+        are averaged (``mean``), and the fused f is mixed with the Condition Model's anchor probabilities q
+        (softmax for exclusive labels, sigmoid for regions): (1 - w) f + w q, w = ``anchor_weight`` (0: the chains
+        alone, the paper; the public code's sampler blends its anchor in the same way). Returns ``(B, N, *sp)``;
         with ``return_uncertainty`` also the ``uncertainty`` map ``(B, 1, *sp)`` of the chains' p
         (:mod:`diffnnunet.methods.uncertainty`; class probabilities via :func:`odds_to_categorical` for
         exclusive labels)."""
         b, s = image.shape[0], max(1, int(samples))
         chunk = max(1, min(int(chunk or s), s))
-        _, f_c, c = self.condition_forward(image)
+        anchor, f_c, c = self.condition_forward(image)
         timesteps = self.process.set_timesteps(steps)
         chains = ChainStatistics(categorical=self.exclusive_labels, spread=return_uncertainty)
         decisions, p_sum = [], 0.0
@@ -288,4 +294,8 @@ class MedSegDiffV2(DiffusionMethod):
             p_sum = p_sum + p.sum(1)
             chains.add(odds_to_categorical(p, dim=2) if self.exclusive_labels else p)
         out = staple_fuse(torch.cat(decisions, 1)) if self.fusion == "staple" else p_sum / s
+        if self.anchor_weight > 0:
+            anchor = anchor.float()
+            q = torch.softmax(anchor, 1) if self.exclusive_labels else torch.sigmoid(anchor)
+            out = (1 - self.anchor_weight) * out + self.anchor_weight * q.to(out.dtype)
         return (out, chains.map(uncertainty)) if return_uncertainty else out
