@@ -37,7 +37,7 @@ def main(argv=None):
         uncertainty_file,
         without_uncertainty_maps,
     )
-    from diffnnunet.utils import partial_path, swapped
+    from diffnnunet.utils import atomic_outputs, partial_path, swapped
 
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.i):
@@ -68,9 +68,9 @@ def main(argv=None):
     copied = 0
     extras = [uncertainty_file(os.path.join(args.i, s[: -len(ending)]), ending) for s in segs]
     for src in [p for p in extras if os.path.isfile(p)] + [dataset_json, plans_json]:
-        dst = os.path.join(args.o, os.path.basename(src))
-        shutil.copy(src, partial_path(dst))
-        os.replace(partial_path(dst), dst)
+        with atomic_outputs() as written:
+            written.append(os.path.join(args.o, os.path.basename(src)))
+            shutil.copy(src, partial_path(written[-1]))
         copied += src in extras
     applied = ", ".join(f.__name__ for f in pp_fns) or "nothing to apply: copies"
     print(f"postprocessed {len(segs)} case(s) into {args.o} ({applied}); {copied} uncertainty map(s) copied "

@@ -233,10 +233,10 @@ def evaluate_folder(folder_ref: str, folder_pred: str, output_file: str | None, 
     [recursive_fix_for_json_export(c) for c in results]
     recursive_fix_for_json_export(summary)
     if output_file is not None:
-        from diffnnunet.utils import partial_path
-        tmp = partial_path(os.path.abspath(output_file))
-        save_summary_json(summary, tmp)
-        os.replace(tmp, output_file)
+        from diffnnunet.utils import atomic_outputs, partial_path
+        with atomic_outputs() as written:
+            written.append(os.path.abspath(output_file))
+            save_summary_json(summary, partial_path(written[-1]))
     return summary
 
 

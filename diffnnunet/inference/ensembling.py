@@ -254,7 +254,7 @@ def ensemble_prediction_folders(folders: list, output_folder: str, save_npz: boo
         else:
             with serial:
                 ensemble_module.ensemble_folders(list(folders), output_folder, save_npz, 1)
-    tmp = partial_path(os.path.join(output_folder, "plans.json"))
-    shutil.copy(os.path.join(folders[0], "plans.json"), tmp)
-    os.replace(tmp, os.path.join(output_folder, "plans.json"))
+    with atomic_outputs() as written:
+        written.append(os.path.join(output_folder, "plans.json"))
+        shutil.copy(os.path.join(folders[0], "plans.json"), partial_path(written[-1]))
     return sorted(cases)
