@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="store_true", help="the development suite (module docstring); --seeds "
                                                         "defaults to 0 1 2 there")
     p.add_argument("--datasets", nargs="+", default=list(SUITE), choices=list(SUITE), help="suite datasets")
+    p.add_argument("--runs-from", default=None, metavar="FOLDER",
+                   help="suite: reuse the finished runs in FOLDER/<dataset>/ (e.g. benchmarks/runs), copied into "
+                        "the work folder where it has none of that name")
     return p
 
 

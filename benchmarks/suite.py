@@ -238,6 +238,23 @@ def validation_figures(results: str, trainer: str, configuration: str, plans: st
     return out
 
 
+def reuse_runs(source: str, runs: str) -> list[str]:
+    """Finished runs kept elsewhere (``source``: run files ``<trainer>_s<seed>.json`` of one dataset, e.g.
+    ``benchmarks/runs/brain3d``) copied into the work folder's ``runs`` folder where it has no file of that name,
+    so the suite skips them; returns the names copied. A file that is not a run of a dataset is refused."""
+    os.makedirs(runs, exist_ok=True)
+    copied = []
+    for f in sorted(os.listdir(source)) if os.path.isdir(source) else []:
+        if not f.endswith(".json") or os.path.isfile(os.path.join(runs, f)):
+            continue
+        row = json.load(open(os.path.join(source, f)))
+        if not {"dataset", "trainer", "seed", "Dice"} <= set(row):
+            raise ValueError(f"{os.path.join(source, f)}: not a suite run (no dataset, trainer, seed or Dice)")
+        write_json(os.path.join(runs, f), row)
+        copied.append(f)
+    return copied
+
+
 def run_suite(args, trainers: list) -> None:
     """Every dataset of ``args.datasets``, every trainer, every seed (module docstring); one table per dataset."""
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
@@ -260,6 +277,8 @@ def run_suite(args, trainers: list) -> None:
                                               f"nnUNetPlans_{configuration}")):
                 _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
             os.makedirs(os.path.join(root, "runs"), exist_ok=True)
+            if getattr(args, "runs_from", None):
+                reuse_runs(os.path.join(args.runs_from, name), os.path.join(root, "runs"))
             preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
             variants = {t: variant_plans(preprocessed, t, args.set) for t in trainers}
             for seed in seeds:

@@ -68,3 +68,25 @@ def test_suite_variant_is_a_plans_copy_with_the_overrides(tmp_path):
     assert json.loads((tmp_path / "MedSegDiffV2Plans.json").read_text()) == plans
     assert suite.variant_plans(str(tmp_path), "nnUNetTrainer", ["fusion=mean"]) == (None, "")
     assert suite.variant_plans(str(tmp_path), "MedSegDiffV2Trainer", []) == (None, "")
+
+
+def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
+    """``--runs-from``: committed run files are copied where the work folder has none of that name (a run done
+    there wins), other files are ignored, and a JSON that is not a run is refused naming the file."""
+    import json
+    suite = load_benchmark("suite")
+    source, runs = tmp_path / "brain3d", tmp_path / "work" / "runs"
+    source.mkdir()
+    row = {"dataset": "brain3d", "trainer": "LDSegTrainer", "seed": 0, "Dice": 0.8}
+    (source / "LDSegTrainer_s0.json").write_text(json.dumps(row))
+    (source / "nnUNetTrainer_s0.json").write_text(json.dumps({**row, "trainer": "nnUNetTrainer", "Dice": 0.7}))
+    (source / "notes.txt").write_text("not a run")
+    runs.mkdir(parents=True)
+    (runs / "nnUNetTrainer_s0.json").write_text(json.dumps({**row, "trainer": "nnUNetTrainer", "Dice": 0.75}))
+    assert suite.reuse_runs(str(source), str(runs)) == ["LDSegTrainer_s0.json"]
+    assert json.loads((runs / "LDSegTrainer_s0.json").read_text()) == row
+    assert json.loads((runs / "nnUNetTrainer_s0.json").read_text())["Dice"] == 0.75
+    assert suite.reuse_runs(str(tmp_path / "absent"), str(runs)) == []
+    (source / "cDALTrainer_s0.json").write_text(json.dumps({"Dice": 0.7}))
+    with pytest.raises(ValueError, match="cDALTrainer_s0.json: not a suite run"):
+        suite.reuse_runs(str(source), str(runs))
