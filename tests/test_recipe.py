@@ -124,9 +124,8 @@ PUBLISHED = {
     "medsegdiff_v2": {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                       "prediction": "eps", "anchor_alpha": 5, "anchor_beta": 10.0, "ss_blocks": 4, "nbp_blocks": 6,
                       "sampling_steps": 100, "samples_per_step": 10, "fusion": "staple", "anchor_weight": 0.0,
-                      "u_sa": True,
-                      "ss_former": True, "nbp_filter": True, "diffusion_image": False, "ss_softmax": False,
-                      "ss_dim": None, "max_tokens": None},
+                      "u_sa": True, "ss_former": True, "nbp_filter": True, "diffusion_image": False,
+                      "ss_softmax": False, "ss_dim": None, "max_tokens": None},
 }
 LR = {"diff_unet": 1e-4, "berdiff": 1e-4, "ldseg": 1e-3, "cdal": 1e-3, "medsegdiff_v2": 1e-4}
 PLANS = {"diff_unet": "DiffnnUNetPlans", "berdiff": "BerDiffPlans", "ldseg": "LDSegPlans", "cdal": "cDALPlans",

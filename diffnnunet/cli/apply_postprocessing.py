@@ -65,13 +65,13 @@ def main(argv=None):
             with pool:
                 module.apply_postprocessing_to_folder(args.i, args.o, pp_fns, pp_fn_kwargs, plans_json,
                                                       dataset_json, 1)
-    copied = 0
-    extras = [uncertainty_file(os.path.join(args.i, s[: -len(ending)]), ending) for s in segs]
-    for src in [p for p in extras if os.path.isfile(p)] + [dataset_json, plans_json]:
-        with atomic_outputs() as written:
+    extras = [p for p in (uncertainty_file(os.path.join(args.i, s[: -len(ending)]), ending) for s in segs)
+              if os.path.isfile(p)]
+    with atomic_outputs() as written:
+        for src in extras + [dataset_json, plans_json]:
             written.append(os.path.join(args.o, os.path.basename(src)))
             shutil.copy(src, partial_path(written[-1]))
-        copied += src in extras
+    copied = len(extras)
     applied = ", ".join(f.__name__ for f in pp_fns) or "nothing to apply: copies"
     print(f"postprocessed {len(segs)} case(s) into {args.o} ({applied}); {copied} uncertainty map(s) copied "
           "unchanged")
