@@ -241,7 +241,8 @@ def validation_figures(results: str, trainer: str, configuration: str, plans: st
 def reuse_runs(source: str, runs: str) -> list[str]:
     """Finished runs kept elsewhere (``source``: run files ``<trainer>_s<seed>.json`` of one dataset, e.g.
     ``benchmarks/runs/brain3d``) copied into the work folder's ``runs`` folder where it has no file of that name,
-    so the suite skips them; returns the names copied. A file that is not a run of a dataset is refused."""
+    so the suite skips them; returns the names copied. A file that is not a suite run, or is the run of another
+    dataset, trainer or seed than its folder and name say, is refused naming the file."""
     os.makedirs(runs, exist_ok=True)
     copied = []
     for f in sorted(os.listdir(source)) if os.path.isdir(source) else []:
@@ -250,6 +251,10 @@ def reuse_runs(source: str, runs: str) -> list[str]:
         row = json.load(open(os.path.join(source, f)))
         if not {"dataset", "trainer", "seed", "Dice"} <= set(row):
             raise ValueError(f"{os.path.join(source, f)}: not a suite run (no dataset, trainer, seed or Dice)")
+        says = (os.path.basename(os.path.normpath(source)), f"{row['trainer']}_s{row['seed']}.json")
+        if (row["dataset"], f) != says:
+            raise ValueError(f"{os.path.join(source, f)}: the run of {row['dataset']} {row['trainer']} seed "
+                             f"{row['seed']}, not what its folder and name say")
         write_json(os.path.join(runs, f), row)
         copied.append(f)
     return copied

@@ -72,7 +72,8 @@ def test_suite_variant_is_a_plans_copy_with_the_overrides(tmp_path):
 
 def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
     """``--runs-from``: committed run files are copied where the work folder has none of that name (a run done
-    there wins), other files are ignored, and a JSON that is not a run is refused naming the file."""
+    there wins), other files are ignored, and a JSON that is not a run, or not the run its folder (dataset) and
+    name (trainer, seed) say, is refused naming the file."""
     import json
     suite = load_benchmark("suite")
     source, runs = tmp_path / "brain3d", tmp_path / "work" / "runs"
@@ -89,4 +90,10 @@ def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
     assert suite.reuse_runs(str(tmp_path / "absent"), str(runs)) == []
     (source / "cDALTrainer_s0.json").write_text(json.dumps({"Dice": 0.7}))
     with pytest.raises(ValueError, match="cDALTrainer_s0.json: not a suite run"):
+        suite.reuse_runs(str(source), str(runs))
+    (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "dataset": "demo", "trainer": "cDALTrainer"}))
+    with pytest.raises(ValueError, match="cDALTrainer_s0.json: the run of demo cDALTrainer seed 0"):
+        suite.reuse_runs(str(source), str(runs))
+    (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "seed": 2}))
+    with pytest.raises(ValueError, match="the run of brain3d cDALTrainer seed 2, not what"):
         suite.reuse_runs(str(source), str(runs))
