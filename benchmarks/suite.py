@@ -175,7 +175,8 @@ def suite_run(name: str, trainer: str, seed: int, args, raw: str, env: dict, log
                       os.path.join(out, "dataset.json"), "-o", os.path.join(out, "summary.json")], env, log)
     s = json.load(open(os.path.join(out, "summary.json")))
     fg, unc = s["foreground_mean"], s.get("uncertainty") or {}
-    row = {"dataset": name, "trainer": trainer, "budget": 1, "seed": seed, "Dice": fg["Dice"], "HD95": fg["HD95"],
+    row = {"dataset": name, "trainer": trainer, "budget": 1, "seed": seed, "training": training_budget(args),
+           "Dice": fg["Dice"], "HD95": fg["HD95"],
            "NSD": fg["NSD"], "ECE": unc.get("ECE"), "AUROC": unc.get("AUROC_uncertainty_vs_error"),
            "train_s": t_train, "predict_s": t_pred,
            "Dice_per_label": {k: v["Dice"] for k, v in s["mean"].items()},
@@ -238,11 +239,17 @@ def validation_figures(results: str, trainer: str, configuration: str, plans: st
     return out
 
 
-def reuse_runs(source: str, runs: str) -> list[str]:
+def training_budget(args) -> list[int]:
+    """``[epochs, iterations per epoch, validation iterations]`` of a suite run, stored in its run file."""
+    return [int(args.epochs), int(args.iterations_per_epoch), int(args.val_iterations)]
+
+
+def reuse_runs(source: str, runs: str, training: list[int] | None = None) -> list[str]:
     """Finished runs kept elsewhere (``source``: run files ``<trainer>_s<seed>.json`` of one dataset, e.g.
     ``benchmarks/runs/brain3d``) copied into the work folder's ``runs`` folder where it has no file of that name,
-    so the suite skips them; returns the names copied. A file that is not a suite run, or is the run of another
-    dataset, trainer or seed than its folder and name say, is refused naming the file."""
+    so the suite skips them; returns the names copied. A file that is not a suite run, is the run of another
+    dataset, trainer or seed than its folder and name say, or (given ``training``, :func:`training_budget`) was
+    trained at another budget or does not say its budget, is refused naming the file."""
     os.makedirs(runs, exist_ok=True)
     copied = []
     for f in sorted(os.listdir(source)) if os.path.isdir(source) else []:
@@ -255,6 +262,9 @@ def reuse_runs(source: str, runs: str) -> list[str]:
         if (row["dataset"], f) != says:
             raise ValueError(f"{os.path.join(source, f)}: the run of {row['dataset']} {row['trainer']} seed "
                              f"{row['seed']}, not what its folder and name say")
+        if training is not None and row.get("training") != list(training):
+            raise ValueError(f"{os.path.join(source, f)}: trained at epochs x iterations x validation iterations "
+                             f"{row.get('training', 'not recorded')}, not this suite's {list(training)}")
         write_json(os.path.join(runs, f), row)
         copied.append(f)
     return copied
@@ -283,7 +293,7 @@ def run_suite(args, trainers: list) -> None:
                 _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
             os.makedirs(os.path.join(root, "runs"), exist_ok=True)
             if getattr(args, "runs_from", None):
-                reuse_runs(os.path.join(args.runs_from, name), os.path.join(root, "runs"))
+                reuse_runs(os.path.join(args.runs_from, name), os.path.join(root, "runs"), training_budget(args))
             preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
             variants = {t: variant_plans(preprocessed, t, args.set) for t in trainers}
             for seed in seeds:
@@ -292,6 +302,10 @@ def run_suite(args, trainers: list) -> None:
                     done = os.path.join(root, "runs", f"{trainer}{tag}_s{seed}.json")
                     if os.path.isfile(done):
                         row = json.load(open(done))
+                        if row.get("training", training_budget(args)) != training_budget(args):
+                            raise SystemExit(f"suite: {done}: trained at {row['training']}, not this suite's "
+                                             f"{training_budget(args)} (epochs x iterations x validation "
+                                             "iterations); use another --workdir")
                         if "AUROC_control" not in row:  # a run of an earlier version: its missing figures
                             results = os.path.join(_seed_env(env, seed)["nnUNet_results"], os.path.basename(raw))
                             row.update({**validation_figures(results, trainer, configuration, plans), **row,

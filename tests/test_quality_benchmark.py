@@ -72,8 +72,8 @@ def test_suite_variant_is_a_plans_copy_with_the_overrides(tmp_path):
 
 def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
     """``--runs-from``: committed run files are copied where the work folder has none of that name (a run done
-    there wins), other files are ignored, and a JSON that is not a run, or not the run its folder (dataset) and
-    name (trainer, seed) say, is refused naming the file."""
+    there wins), other files are ignored, and a JSON that is not a run, not the run its folder (dataset) and
+    name (trainer, seed) say, or of another training budget than asked, is refused naming the file."""
     import json
     suite = load_benchmark("suite")
     source, runs = tmp_path / "brain3d", tmp_path / "work" / "runs"
@@ -97,3 +97,21 @@ def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
     (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "seed": 2}))
     with pytest.raises(ValueError, match="the run of brain3d cDALTrainer seed 2, not what"):
         suite.reuse_runs(str(source), str(runs))
+    # the training budget: a run of another budget, or one that does not record it, is refused when one is asked
+    fresh, budget = tmp_path / "fresh" / "runs", [8, 20, 2]
+    nnunet = {**row, "trainer": "nnUNetTrainer"}
+    (source / "LDSegTrainer_s0.json").write_text(json.dumps({**row, "training": budget}))
+    (source / "nnUNetTrainer_s0.json").write_text(json.dumps({**nnunet, "training": budget}))
+    (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "training": [16, 20, 2]}))
+    with pytest.raises(ValueError, match=r"cDALTrainer_s0.json: trained at .* \[16, 20, 2\], not this suite"):
+        suite.reuse_runs(str(source), str(fresh), budget)
+    (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "training": budget}))
+    (source / "nnUNetTrainer_s0.json").write_text(json.dumps(nnunet))
+    with pytest.raises(ValueError, match="nnUNetTrainer_s0.json: trained at .* not recorded"):
+        suite.reuse_runs(str(source), str(fresh), budget)
+    (source / "nnUNetTrainer_s0.json").write_text(json.dumps({**nnunet, "training": budget}))
+    assert suite.reuse_runs(str(source), str(fresh), budget) == ["nnUNetTrainer_s0.json"]
+    assert sorted(p.name for p in fresh.iterdir()) == [
+        "LDSegTrainer_s0.json", "cDALTrainer_s0.json", "nnUNetTrainer_s0.json"]
+    from types import SimpleNamespace
+    assert suite.training_budget(SimpleNamespace(epochs=8, iterations_per_epoch=20, val_iterations=2)) == [8, 20, 2]
