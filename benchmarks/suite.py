@@ -244,6 +244,16 @@ def training_budget(args) -> list[int]:
     return [int(args.epochs), int(args.iterations_per_epoch), int(args.val_iterations)]
 
 
+def stored_run(path: str, training: list[int]) -> dict:
+    """A finished run of the work folder; one trained at another budget (:func:`training_budget`) stops the suite
+    naming the file (a run of an earlier version that does not record its budget is taken as it is)."""
+    row = json.load(open(path))
+    if row.get("training", training) != training:
+        raise SystemExit(f"suite: {path}: trained at {row['training']}, not this suite's {training} (epochs x "
+                         "iterations x validation iterations); use another --workdir")
+    return row
+
+
 def reuse_runs(source: str, runs: str, training: list[int] | None = None) -> list[str]:
     """Finished runs kept elsewhere (``source``: run files ``<trainer>_s<seed>.json`` of one dataset, e.g.
     ``benchmarks/runs/brain3d``) copied into the work folder's ``runs`` folder where it has no file of that name,
@@ -301,11 +311,7 @@ def run_suite(args, trainers: list) -> None:
                     plans, tag = variants[trainer]
                     done = os.path.join(root, "runs", f"{trainer}{tag}_s{seed}.json")
                     if os.path.isfile(done):
-                        row = json.load(open(done))
-                        if row.get("training", training_budget(args)) != training_budget(args):
-                            raise SystemExit(f"suite: {done}: trained at {row['training']}, not this suite's "
-                                             f"{training_budget(args)} (epochs x iterations x validation "
-                                             "iterations); use another --workdir")
+                        row = stored_run(done, training_budget(args))
                         if "AUROC_control" not in row:  # a run of an earlier version: its missing figures
                             results = os.path.join(_seed_env(env, seed)["nnUNet_results"], os.path.basename(raw))
                             row.update({**validation_figures(results, trainer, configuration, plans), **row,

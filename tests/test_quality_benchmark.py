@@ -115,3 +115,8 @@ def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
         "LDSegTrainer_s0.json", "cDALTrainer_s0.json", "nnUNetTrainer_s0.json"]
     from types import SimpleNamespace
     assert suite.training_budget(SimpleNamespace(epochs=8, iterations_per_epoch=20, val_iterations=2)) == [8, 20, 2]
+    # the work folder's own runs: another budget stops the suite; a run that predates the record is taken
+    assert suite.stored_run(str(fresh / "cDALTrainer_s0.json"), budget)["trainer"] == "cDALTrainer"
+    with pytest.raises(SystemExit, match=r"cDALTrainer_s0.json: trained at \[8, 20, 2\], not this suite's \[16"):
+        suite.stored_run(str(fresh / "cDALTrainer_s0.json"), [16, 20, 2])
+    assert suite.stored_run(str(runs / "LDSegTrainer_s0.json"), [16, 20, 2]) == row
