@@ -244,13 +244,23 @@ def training_budget(args) -> list[int]:
     return [int(args.epochs), int(args.iterations_per_epoch), int(args.val_iterations)]
 
 
+def check_budget(path: str, row: dict, training: list[int], recorded: bool) -> None:
+    """ValueError naming ``path`` when its run was trained at another budget than ``training``
+    (:func:`training_budget`); a run that does not record its budget passes unless ``recorded`` is asked."""
+    found = row.get("training", None if recorded else training)
+    if found != training:
+        raise ValueError(f"{path}: trained at {found or 'not recorded'}, not this suite's {training} (epochs x "
+                         "iterations x validation iterations)")
+
+
 def stored_run(path: str, training: list[int]) -> dict:
-    """A finished run of the work folder; one trained at another budget (:func:`training_budget`) stops the suite
-    naming the file (a run of an earlier version that does not record its budget is taken as it is)."""
+    """A finished run of the work folder; one trained at another budget stops the suite naming the file (a run of
+    an earlier version that does not record its budget is taken as it is)."""
     row = json.load(open(path))
-    if row.get("training", training) != training:
-        raise SystemExit(f"suite: {path}: trained at {row['training']}, not this suite's {training} (epochs x "
-                         "iterations x validation iterations); use another --workdir")
+    try:
+        check_budget(path, row, training, recorded=False)
+    except ValueError as e:
+        raise SystemExit(f"suite: {e}; use another --workdir") from None
     return row
 
 
@@ -272,9 +282,8 @@ def reuse_runs(source: str, runs: str, training: list[int] | None = None) -> lis
         if (row["dataset"], f) != says:
             raise ValueError(f"{os.path.join(source, f)}: the run of {row['dataset']} {row['trainer']} seed "
                              f"{row['seed']}, not what its folder and name say")
-        if training is not None and row.get("training") != list(training):
-            raise ValueError(f"{os.path.join(source, f)}: trained at epochs x iterations x validation iterations "
-                             f"{row.get('training', 'not recorded')}, not this suite's {list(training)}")
+        if training is not None:
+            check_budget(os.path.join(source, f), row, training, recorded=True)
         write_json(os.path.join(runs, f), row)
         copied.append(f)
     return copied
@@ -303,7 +312,11 @@ def run_suite(args, trainers: list) -> None:
                 _cli("plan_and_preprocess", ["-d", dataset_id, "-c", configuration, "-np", 2], env, log)
             os.makedirs(os.path.join(root, "runs"), exist_ok=True)
             if getattr(args, "runs_from", None):
-                reuse_runs(os.path.join(args.runs_from, name), os.path.join(root, "runs"), training_budget(args))
+                try:
+                    reuse_runs(os.path.join(args.runs_from, name), os.path.join(root, "runs"),
+                               training_budget(args))
+                except ValueError as e:
+                    raise SystemExit(f"suite: {e}") from None
             preprocessed = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw))
             variants = {t: variant_plans(preprocessed, t, args.set) for t in trainers}
             for seed in seeds:

@@ -103,11 +103,13 @@ def test_reused_runs_fill_only_what_the_work_folder_lacks(tmp_path):
     (source / "LDSegTrainer_s0.json").write_text(json.dumps({**row, "training": budget}))
     (source / "nnUNetTrainer_s0.json").write_text(json.dumps({**nnunet, "training": budget}))
     (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "training": [16, 20, 2]}))
-    with pytest.raises(ValueError, match=r"cDALTrainer_s0.json: trained at .* \[16, 20, 2\], not this suite"):
+    other = r"cDALTrainer_s0.json: trained at \[16, 20, 2\], not this suite's \[8, 20, 2\]"
+    with pytest.raises(ValueError, match=other):
         suite.reuse_runs(str(source), str(fresh), budget)
     (source / "cDALTrainer_s0.json").write_text(json.dumps({**row, "trainer": "cDALTrainer", "training": budget}))
     (source / "nnUNetTrainer_s0.json").write_text(json.dumps(nnunet))
-    with pytest.raises(ValueError, match="nnUNetTrainer_s0.json: trained at .* not recorded"):
+    unrecorded = r"nnUNetTrainer_s0.json: trained at not recorded, not this suite's \[8, 20, 2\]"
+    with pytest.raises(ValueError, match=unrecorded):
         suite.reuse_runs(str(source), str(fresh), budget)
     (source / "nnUNetTrainer_s0.json").write_text(json.dumps({**nnunet, "training": budget}))
     assert suite.reuse_runs(str(source), str(fresh), budget) == ["nnUNetTrainer_s0.json"]
